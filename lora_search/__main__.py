@@ -1,0 +1,81 @@
+"""`python -m lora_search [overrides]`: Hydra composes the run, the chosen stage runs.
+
+Overrides are checked against the config groups and the schema before Hydra composes, and
+every config problem is reported as one line (no traceback) with exit code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from lora_search.errors import LoraSearchError
+
+log = logging.getLogger("lora_search")
+EXIT_USAGE = 2
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*kernels.*")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    import datasets
+
+    datasets.disable_progress_bars()  # per-map bars drown the training progress
+
+
+def report(error: LoraSearchError) -> None:
+    """Print a user error: one line per problem, no traceback."""
+    if len(error.problems) == 1:
+        print(f"error: {error.problems[0]}", file=sys.stderr)
+    else:
+        print(f"error: {len(error.problems)} problems in the configuration:", file=sys.stderr)
+        for problem in error.problems:
+            print(f"  - {problem}", file=sys.stderr)
+
+
+def run(cfg) -> None:
+    """Run the stage a composed config names."""
+    from lora_search import compose, runs
+
+    run_cfg = compose.to_run_config(cfg)
+    if run_cfg.stage == "train":
+        runs.train_stage(run_cfg)
+    else:
+        from lora_search.validate import validate
+
+        validate(run_cfg)  # names the unknown stage and the accepted ones
+
+
+def _task(cfg) -> None:
+    try:
+        run(cfg)
+    except LoraSearchError as e:
+        report(e)
+        sys.exit(EXIT_USAGE)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: check overrides, then hand over to hydra.main."""
+    import hydra
+
+    from lora_search import compose
+
+    argv = sys.argv[1:] if argv is None else argv
+    _quiet_libraries()
+    try:
+        compose.check_overrides(argv)
+    except LoraSearchError as e:
+        report(e)
+        sys.exit(EXIT_USAGE)
+    compose.register()
+    sys.argv = [sys.argv[0], *argv]
+    hydra.main(config_path=str(compose.conf_dir()), config_name="config", version_base="1.3")(_task)()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""LoRA adapters: target presets to module names, PEFT's LoraConfig, checks against the model's
+module tree (every target must match), parameter counts on the meta device, attach and remove.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from lora_search.errors import ConfigError
+from lora_search.schema import LoraSpec, ModelConfig
+
+LORA_LAYER_TYPES = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d)
+
+
+def target_modules(lora: LoraSpec, model: ModelConfig) -> list[str]:
+    """The module names a LoRA spec targets: a preset resolved through the model, or its list."""
+    if isinstance(lora.targets, str):
+        return list(model.target_presets[lora.targets])
+    return list(lora.targets)
+
+
+def lora_config(lora: LoraSpec, model: ModelConfig):
+    """PEFT's LoraConfig for a spec."""
+    from peft import LoraConfig
+
+    alpha = lora.alpha_ratio * lora.r if lora.alpha_ratio is not None else lora.alpha
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=lora.r,
+        lora_alpha=alpha,
+        lora_dropout=lora.dropout,
+        target_modules=target_modules(lora, model),
+        bias=lora.bias,
+        modules_to_save=list(lora.modules_to_save) if lora.modules_to_save else None,
+        layers_to_transform=list(lora.layers_to_transform) if lora.layers_to_transform else None,
+        rank_pattern=dict(lora.rank_pattern),
+        alpha_pattern=dict(lora.alpha_pattern),
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+        init_lora_weights=lora.init_lora_weights,
+    )
+
+
+def _matches(name: str, target: str) -> bool:
+    # PEFT's rule for a list entry: the full name, or its last dotted components.
+    return name == target or name.endswith("." + target)
+
+
+def _layer_index(name: str) -> int | None:
+    found = re.search(r"\.(\d+)\.", name)
+    return int(found.group(1)) if found else None
+
+
+def check_targets(lora: LoraSpec, model_cfg: ModelConfig, model: torch.nn.Module) -> None:
+    """Every target and modules_to_save entry must match a module; raise ConfigError naming those that do not."""
+    named = dict(model.named_modules())
+    leaf_names = sorted({n.rsplit(".", 1)[-1] for n, mod in named.items() if isinstance(mod, LORA_LAYER_TYPES)})
+    problems = []
+    preset = f"preset {lora.targets!r} ({model_cfg.name}) " if isinstance(lora.targets, str) else ""
+    for target in target_modules(lora, model_cfg):
+        hits = [n for n, mod in named.items() if _matches(n, target)]
+        if not hits:
+            problems.append(
+                f"lora.targets: {preset}entry {target!r} matches no module in {type(model).__name__}; "
+                f"layers LoRA can target: {', '.join(leaf_names)}"
+            )
+        elif not any(isinstance(named[n], LORA_LAYER_TYPES) for n in hits):
+            kinds = sorted({type(named[n]).__name__ for n in hits})
+            problems.append(
+                f"lora.targets: {preset}entry {target!r} matches only {', '.join(kinds)} modules, which LoRA cannot "
+                f"adapt; layers LoRA can target: {', '.join(leaf_names)}"
+            )
+    for module in lora.modules_to_save or []:
+        if not any(_matches(n, module) for n in named):
+            top = sorted({n.rsplit(".", 1)[-1] for n in named if n.count(".") <= 1 and n})
+            problems.append(f"lora.modules_to_save: {module!r} matches no module; candidates include {', '.join(top)}")
+    layers = {i for n in named if (i := _layer_index(n)) is not None}
+    for index in lora.layers_to_transform or []:
+        if layers and index not in layers:
+            problems.append(f"lora.layers_to_transform: layer {index} does not exist (layers 0..{max(layers)})")
+    if problems:
+        raise ConfigError(problems)
+
+
+def count_parameters(lora: LoraSpec, model_cfg: ModelConfig, model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters once the adapter is attached, as PEFT counts them."""
+    from peft import get_peft_model
+
+    peft_model = get_peft_model(model, lora_config(lora, model_cfg))
+    try:
+        return peft_model.get_nb_trainable_parameters()
+    finally:
+        peft_model.unload()
+
+
+def attach(model: torch.nn.Module, lora: LoraSpec, model_cfg: ModelConfig):
+    """Wrap the shared base model with a fresh adapter (PeftModel); `detach` undoes it."""
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(lora, model_cfg))
+
+
+def detach(peft_model) -> torch.nn.Module:
+    """Remove the adapter layers, returning the base model exactly as it was."""
+    base = peft_model.unload()
+    if getattr(base, "is_gradient_checkpointing", False):
+        base.gradient_checkpointing_disable()
+    for attr in ("peft_config", "_hf_peft_config_loaded"):
+        base.__dict__.pop(attr, None)
+    return base

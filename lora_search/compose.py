@@ -1,0 +1,137 @@
+"""Where the configs live, the `sweep` group, and checks of command-line overrides.
+
+Hydra composes `conf/` (plus the `sweep` group read from `sweeps/`); this module finds those
+folders, registers the schemas, and checks each override against the schema before Hydra runs,
+so a typo gets one line that names it and the closest valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from lora_search import schema
+from lora_search.errors import ConfigError
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+
+
+def conf_dir() -> Path:
+    """The Hydra config folder: $LORA_SEARCH_CONF, else conf/ beside the package."""
+    return Path(os.environ.get("LORA_SEARCH_CONF", PACKAGE_ROOT / "conf")).resolve()
+
+
+def sweeps_dir() -> Path:
+    """The folder of named sweeps (the `sweep` group): $LORA_SEARCH_SWEEPS, else sweeps/."""
+    return Path(os.environ.get("LORA_SEARCH_SWEEPS", PACKAGE_ROOT / "sweeps")).resolve()
+
+
+def group_choices(group: str) -> list[str]:
+    """The names a config group accepts, from its folder."""
+    folder = sweeps_dir() if group == "sweep" else conf_dir() / group
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def register() -> None:
+    """Register the schemas and every sweeps/*.yaml as the Hydra `sweep` group."""
+    from hydra.core.config_store import ConfigStore
+
+    schema.register()
+    cs = ConfigStore.instance()
+    for path in sorted(sweeps_dir().glob("*.yaml")):
+        node = OmegaConf.load(path)
+        if "name" not in node:
+            node.name = path.stem
+        cs.store(group="sweep", name=path.stem, node=node, provider="lora_search.sweeps")
+
+
+def _field_type(dc: type, name: str):
+    hints = typing.get_type_hints(dc)
+    return hints[name]
+
+
+def _is_free_form(tp) -> bool:
+    """A field whose children are user-defined keys (dicts, Any)."""
+    origin = typing.get_origin(tp)
+    if tp is typing.Any:
+        return True
+    if origin is typing.Union:
+        return any(_is_free_form(a) for a in typing.get_args(tp) if a is not type(None))
+    return origin in (dict, typing.Dict)
+
+
+def schema_keys(dc: type = schema.RunConfig, prefix: str = "") -> list[str]:
+    """Every dotted key the schema declares (free-form dict children excluded)."""
+    keys = []
+    for f in dataclasses.fields(dc):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        tp = _field_type(dc, f.name)
+        if dataclasses.is_dataclass(tp):
+            keys.extend(schema_keys(tp, key + "."))
+    return keys
+
+
+def check_key(key: str) -> str | None:
+    """Return a problem message if `key` (dotted) is not in the schema, else None."""
+    dc: typing.Any = schema.RunConfig
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(dc)]
+        if part not in names:
+            here = ".".join(parts[:i])
+            valid = [f"{here}.{n}" if here else n for n in names]
+            close = difflib.get_close_matches(key, schema_keys(), n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            where = f"under {here}: " if here else "top-level keys: "
+            return f"unknown config key '{key}'; {hint}({where}{', '.join(valid)})"
+        tp = _field_type(dc, part)
+        if _is_free_form(tp):
+            return None
+        if not dataclasses.is_dataclass(tp):
+            if i < len(parts) - 1:
+                return f"unknown config key '{key}': {'.'.join(parts[: i + 1])} is a value, not a group"
+            return None
+        dc = tp
+    return None
+
+
+def check_overrides(args: list[str]) -> None:
+    """Check command-line overrides against the groups and the schema; raise ConfigError."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    plain = [a for a in args if not a.startswith("-")]
+    try:
+        overrides = OverridesParser.create().parse_overrides(plain)
+    except Exception as e:  # hydra's parser error carries the offending text
+        raise ConfigError([f"cannot parse the command line: {str(e).splitlines()[0]}"]) from None
+    problems = []
+    for ov in overrides:
+        key = ov.key_or_group
+        if key.startswith("hydra") or ov.is_add() or ov.is_delete() or ov.is_force_add():
+            continue
+        if key in schema.GROUPS and ov.package is None and "." not in key:
+            choices = group_choices(key)
+            if ov.is_sweep_override():
+                continue
+            value = ov.value()
+            if isinstance(value, str) and value not in choices:
+                close = difflib.get_close_matches(value, choices, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                problems.append(f"{key}={value} is not a known {key} config{hint}; available: {', '.join(choices)}")
+            continue
+        problem = check_key(key)
+        if problem:
+            problems.append(problem)
+    if problems:
+        raise ConfigError(problems)
+
+
+def to_run_config(cfg) -> schema.RunConfig:
+    """Turn a composed DictConfig into the typed RunConfig dataclass."""
+    return OmegaConf.to_object(cfg)

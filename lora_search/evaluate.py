@@ -1,0 +1,64 @@
+"""Greedy answers to held-out prompts, formatted exactly as in training, and exact-match scoring."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import torch
+
+
+def prompt_texts(tokenizer, prompts: list) -> list[str]:
+    """Prompts as the model sees them: the chat template with the generation prompt, or raw text."""
+    if prompts and isinstance(prompts[0], list):
+        return [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False) for p in prompts]
+    return list(prompts)
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompts: list, max_new_tokens: int, batch_size: int = 16) -> tuple[list[str], dict]:
+    """Greedy completions for prompts (left-padded batches), with timing: (answers, stats)."""
+    texts = prompt_texts(tokenizer, prompts)
+    chat = bool(prompts) and isinstance(prompts[0], list)
+    was_training = model.training
+    model.eval()
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    answers, new_tokens, t0 = [], 0, time.perf_counter()
+    try:
+        device = next(model.parameters()).device
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=not chat).to(device)
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            gen = out[:, batch["input_ids"].shape[1] :]
+            for row in gen:
+                row = row[row != tokenizer.pad_token_id]
+                new_tokens += int(row.numel())
+                answers.append(tokenizer.decode(row, skip_special_tokens=True))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    seconds = time.perf_counter() - t0
+    return answers, {"seconds": seconds, "new_tokens": new_tokens}
+
+
+def normalize(text: str) -> str:
+    """Whitespace collapsed, a trailing period dropped: formatting noise that is not the answer."""
+    return re.sub(r"\s+", " ", text).strip().removesuffix(".").strip()
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    """Share of predictions equal to their reference after normalize()."""
+    if not references:
+        return 0.0
+    hits = sum(normalize(p) == normalize(r) for p, r in zip(predictions, references))
+    return hits / len(references)
+
+
+def score(model, tokenizer, prompts: list, references: list[str], max_new_tokens: int, batch_size: int) -> dict:
+    """Exact match of greedy answers, with a few samples for the record."""
+    answers, stats = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
+    samples = [{"answer": a, "reference": r} for a, r in list(zip(answers, references))[:4]]
+    return {"exact_match": exact_match(answers, references), "generate_s": stats["seconds"], "samples": samples}

@@ -1,0 +1,139 @@
+"""The machine: device and precision choices, peak memory, and the provenance of a run."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "optuna", "hydra-core",
+            "bitsandbytes", "wandb", "gguf", "lora_search")
+
+
+def device() -> torch.device:
+    """This worker's device: the GPU named by LOCAL_RANK (one worker per GPU), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def bf16_supported() -> bool:
+    """Whether bf16 compute is supported (and fast) on this worker's device."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def model_dtype(name: str) -> torch.dtype:
+    """The weight dtype for `model.dtype` (auto: bf16 on a GPU that has it, fp16 on older GPUs, else fp32)."""
+    if name != "auto":
+        return getattr(torch, name)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if bf16_supported() else torch.float16
+    return torch.float32
+
+
+def precision(name: str) -> str:
+    """The mixed-precision mode for `trainer.precision` (auto: bf16/fp16 on CUDA, fp32 on CPU)."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "bf16" if bf16_supported() else "fp16"
+    return "fp32"
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PeakMemory:
+    """Peak memory over a block: CUDA max allocated on a GPU, sampled RSS on the CPU."""
+
+    def __init__(self, interval_s: float = 0.05):
+        self.interval_s = interval_s
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self):
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        elif os.path.exists("/proc/self/statm"):
+            self.peak_mb = _rss_mb()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(self.interval_s):
+            self.peak_mb = max(self.peak_mb, _rss_mb())
+
+    def __exit__(self, *exc):
+        if torch.cuda.is_available():
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak_mb = max(self.peak_mb, _rss_mb())
+        return False
+
+
+def cpu_model() -> str:
+    """The CPU's model name."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """What this machine is: CPU, cores, memory, GPU."""
+    info = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+    try:
+        info["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["gpu_count"] = torch.cuda.device_count()
+    return info
+
+
+def git_revision() -> str | None:
+    """The git commit of the lora_search checkout (with +dirty), if it is one."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return rev.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance() -> dict:
+    """Package versions, git revision, machine and time: what a record needs to be reproduced."""
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {"packages": versions, "git": git_revision(), "machine": machine(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

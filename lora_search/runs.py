@@ -1,0 +1,88 @@
+"""Stage `train`: check everything that can be checked without weights, load once, train one
+adapter, and write `results/runs/<run name>/`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from lora_search import adapters, models, records
+from lora_search.data import load_task_data
+from lora_search.schema import RunConfig
+from lora_search.train import Worker, train_adapter
+from lora_search.validate import validate
+
+log = logging.getLogger(__name__)
+
+
+def preflight(cfg: RunConfig):
+    """Validate the config, load the data and check targets on the meta device: all before any weight loads."""
+    validate(cfg)
+    data = load_task_data(cfg.data)
+    arch = models.architecture(cfg.model, cfg.cache_dir)
+    meta = models.meta_model(arch)
+    adapters.check_targets(cfg.lora, cfg.model, meta)
+    log.info("data: %d train rows, %d eval rows (%s layout)", len(data.train), len(data.eval), data.layout)
+    return data, meta
+
+
+def start_worker(cfg: RunConfig, data=None) -> Worker:
+    """Preflight (unless data is given), then load the base model once."""
+    if data is None:
+        data, _ = preflight(cfg)
+    base = models.load_base(cfg.model, cfg.quant, cfg.cache_dir, cfg.trainer.gradient_checkpointing)
+    return Worker(base=base, data=data)
+
+
+def run_name(cfg: RunConfig) -> str:
+    """The run's folder name: run_name, else <model>-<lora>-<quant>-<time>."""
+    if cfg.run_name:
+        return cfg.run_name
+    quant = f"-{cfg.quant.name}" if cfg.quant.mode != "none" else ""
+    return f"{cfg.model.name}-{cfg.lora.name}{quant}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def report_to(cfg: RunConfig, run_dir: Path) -> list[str]:
+    """Trainer integrations: wandb (offline under the run folder unless online) or none."""
+    if cfg.tracking.backend != "wandb" or cfg.tracking.mode == "disabled":
+        return []
+    import os
+
+    os.environ.setdefault("WANDB_PROJECT", cfg.tracking.project)
+    if cfg.tracking.entity:
+        os.environ.setdefault("WANDB_ENTITY", cfg.tracking.entity)
+    online = cfg.tracking.mode == "online" or bool(os.environ.get("WANDB_API_KEY"))
+    os.environ["WANDB_MODE"] = "online" if online else "offline"
+    os.environ["WANDB_DIR"] = str(run_dir)
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return ["wandb"]
+
+
+def train_stage(cfg: RunConfig) -> Path:
+    """Train one adapter on the configured model and data; return the run folder."""
+    t0 = time.perf_counter()
+    data, _ = preflight(cfg)
+    run_dir = Path(cfg.results_dir) / "runs" / run_name(cfg)
+    records.write_config(run_dir / "config.yaml", cfg)
+    records.write_status(run_dir, "running")
+    try:
+        worker = start_worker(cfg, data)
+        metrics = train_adapter(worker, cfg, run_dir, report_to=report_to(cfg, run_dir))
+    except BaseException as e:
+        records.write_status(run_dir, "failed", reason=f"{type(e).__name__}: {e}")
+        raise
+    metrics["load_s"] = worker.base.load_s
+    metrics["wall_s"] = time.perf_counter() - t0
+    metrics["data_fingerprint"] = data.fingerprint
+    records.write_json(run_dir / "metrics.json", metrics)
+    records.write_status(run_dir, "complete")
+    em = metrics.get("exact_match")
+    base_em = metrics.get("base_exact_match")
+    log.info("eval loss %.4f (base %.4f)%s; %.0f train tokens/s; %.1f s in all",
+             metrics["eval_loss"], metrics["base_eval_loss"],
+             f"; exact match {em:.0%} (base {base_em:.0%})" if em is not None else "",
+             metrics["train_tokens_per_s"] or 0, metrics["wall_s"])
+    log.info("wrote %s", run_dir)
+    return run_dir

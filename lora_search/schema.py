@@ -1,0 +1,180 @@
+"""Typed schemas for every config group, registered with Hydra's ConfigStore.
+
+`conf/config.yaml` starts its defaults list with `run_schema`, so every group file is merged
+into these dataclasses: a key that is not declared here, or a value of the wrong type, is
+rejected by Hydra at composition. Range and cross-field checks live in `validate.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class ModelConfig:
+    name: str = "model"  # short name, used in run names and reports
+    source: str = "hub"  # embedded (GGUF shipped in a wheel) | tiny (built from a config) | hub | local
+    path: Optional[str] = None  # hub id (source=hub) or folder (source=local)
+    revision: Optional[str] = None  # hub revision (commit, tag or branch)
+    gguf_package: Optional[str] = None  # source=embedded: the distribution holding the GGUF file
+    gguf_file: Optional[str] = None  # source=embedded: the file's path inside that distribution
+    dtype: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | float32 | bfloat16 | float16
+    attn_implementation: Optional[str] = None  # None lets transformers choose (sdpa); eager | flash_attention_2
+    trust_remote_code: bool = False  # off by default: hub code is never run unless asked for
+    tiny: Dict[str, Any] = field(default_factory=dict)  # source=tiny: LlamaConfig fields
+    # Target presets: the LoRA `targets` names sampled by sweeps, mapped to this model's modules.
+    target_presets: Dict[str, List[str]] = field(default_factory=dict)
+    hub_id: Optional[str] = None  # the original hub repo this model corresponds to (model card)
+
+
+@dataclass
+class LoraSpec:
+    name: str = "custom"
+    r: int = 8  # rank
+    alpha: float = 16.0  # lora_alpha; ignored when alpha_ratio is set
+    alpha_ratio: Optional[float] = None  # alpha = alpha_ratio * r (how sweeps tie alpha to rank)
+    dropout: float = 0.05
+    targets: Any = "attn"  # a preset name from model.target_presets, or a list of module names
+    bias: str = "none"  # none | all | lora_only
+    modules_to_save: Optional[List[str]] = None  # fully trained modules (e.g. embed_tokens, lm_head)
+    layers_to_transform: Optional[List[int]] = None  # restrict LoRA to these layer indices
+    rank_pattern: Dict[str, int] = field(default_factory=dict)  # per-module rank overrides
+    alpha_pattern: Dict[str, float] = field(default_factory=dict)  # per-module alpha overrides
+    use_rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r
+    use_dora: bool = False  # weight-decomposed LoRA
+    init_lora_weights: Any = True  # true | false | gaussian | pissa | olora | orthogonal ...
+
+
+@dataclass
+class QuantConfig:
+    name: str = "none"
+    mode: str = "none"  # none | int8 | nf4 | fp4 (bitsandbytes)
+    double_quant: bool = True  # nested quantization of the 4-bit constants
+    compute_dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float16
+    skip_modules: List[str] = field(default_factory=lambda: ["lm_head"])  # kept in full precision
+
+
+@dataclass
+class TrainerConfig:
+    name: str = "sft"
+    method: str = "sft"  # sft (TRL SFTTrainer)
+    learning_rate: float = 2e-4
+    lr_scheduler: str = "cosine"  # any transformers SchedulerType
+    warmup_steps: float = 0.0  # >= 1: steps; in [0, 1): ratio of total steps
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"  # any transformers OptimizerNames value
+    batch_size: int = 8  # per device
+    eval_batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    max_steps: int = 60  # > 0, or -1 to train num_epochs
+    num_epochs: float = 1.0
+    max_length: int = 256  # tokens per row after the chat template; longer rows are truncated
+    packing: bool = False
+    gradient_checkpointing: bool = False
+    precision: str = "auto"  # auto (bf16 / fp16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    seed: int = 0
+    logging_steps: int = 5
+    eval_every: int = 20  # steps between cheap evals on the fixed eval subset (0: none)
+    eval_subset: int = 32  # rows in that fixed subset
+    exact_match_items: int = 48  # held-out items answered by greedy generation (0: skip)
+    max_new_tokens: int = 32  # generation budget for exact match
+    num_threads: int = 0  # torch CPU threads (0: torch's default)
+
+
+@dataclass
+class DataConfig:
+    name: str = "embedded"
+    source: str = "embedded"  # embedded | local | hub
+    path: Optional[str] = None  # local file (json, jsonl, csv, parquet) or hub dataset id
+    subset: Optional[str] = None  # hub dataset configuration name
+    revision: Optional[str] = None  # hub dataset revision
+    split: str = "train"
+    eval_split: Optional[str] = None  # an existing split to evaluate on; else eval_fraction is held out
+    eval_fraction: float = 0.1
+    layout: str = "auto"  # auto | messages | prompt_completion | alpaca | dolly | columns
+    columns: Dict[str, str] = field(default_factory=dict)  # layout=columns: prompt/completion/system -> column
+    system_prompt: Optional[str] = None  # prepended as a system message when the row has none
+    format: str = "chat"  # chat: the tokenizer's chat template | raw: prompt + completion as plain text
+    max_train_rows: Optional[int] = None
+    max_eval_rows: Optional[int] = None
+    seed: int = 0
+    exact_match: bool = False  # answers are exact strings: score greedy generations against them
+    # source=embedded: the generated tasks
+    tasks: List[str] = field(default_factory=list)
+    train_per_task: int = 200
+    eval_per_task: int = 25
+
+
+@dataclass
+class TrackingConfig:
+    name: str = "none"
+    backend: str = "none"  # none | wandb
+    mode: str = "offline"  # offline | online (needs WANDB_API_KEY) | disabled
+    project: str = "lora_search"
+    entity: Optional[str] = None
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class BenchmarkConfig:
+    name: str = "default"
+    latency_prompts: int = 8  # prompts timed for generation latency
+    max_new_tokens: int = 32
+    repeats: int = 2
+    int8_dynamic: bool = True  # on CPU, also measure a dynamically INT8-quantized merged copy
+
+
+@dataclass
+class SweepConfig:
+    name: str = "rank_lr"  # study name; defaults to the sweep file's name
+    n_trials: int = 8
+    timeout_s: Optional[float] = None  # wall-clock budget for the search
+    metric: str = "eval_loss"
+    direction: str = "minimize"
+    sampler: Dict[str, Any] = field(default_factory=lambda: {"type": "tpe", "seed": 0})
+    pruner: Dict[str, Any] = field(default_factory=lambda: {"type": "median"})
+    space: Dict[str, Any] = field(default_factory=dict)  # dotted config key -> distribution
+    trial: Dict[str, Any] = field(default_factory=dict)  # config overrides for short trials
+    promotion: Dict[str, Any] = field(default_factory=dict)  # config overrides for the full run
+    storage: Optional[str] = None  # an Optuna storage URL; default results/<study>/study.db
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    stage: str = "train"  # train
+    run_name: Optional[str] = None  # results/runs/<run_name>; default <model>-<lora>-<time>
+    results_dir: str = "results"
+    cache_dir: Optional[str] = None  # converted models; default $LORA_SEARCH_CACHE or ~/.cache/lora_search
+
+
+GROUPS = {
+    "model": ModelConfig,
+    "lora": LoraSpec,
+    "quant": QuantConfig,
+    "trainer": TrainerConfig,
+    "data": DataConfig,
+    "tracking": TrackingConfig,
+    "benchmark": BenchmarkConfig,
+    "sweep": SweepConfig,
+}
+STAGES = ("train",)
+
+
+def register() -> None:
+    """Register the schemas with Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig, provider="lora_search")
+    for group, schema in GROUPS.items():
+        cs.store(group=group, name=f"{group}_schema", node=schema, provider="lora_search")

@@ -1,0 +1,192 @@
+"""One LoRA training run on an already loaded base: attach a fresh adapter, train it with TRL's
+SFTTrainer (loss on completion tokens only), evaluate, save, and remove it again.
+
+The base model and the tokenized data belong to the Worker and are reused by every run, so a
+sweep pays for loading and tokenizing once.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from lora_search import adapters, evaluate, hardware
+from lora_search.data import TaskData
+from lora_search.models import Base
+from lora_search.schema import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Worker:
+    """What a process loads once and every run reuses."""
+
+    base: Base
+    data: TaskData
+    tokenized: dict = field(default_factory=dict)  # (max_length, packing) -> (train, eval) processed by TRL
+    baseline: dict | None = None  # base model's eval loss and exact match, computed once
+
+
+class StepTimer(TrainerCallback):
+    """Time spent inside optimizer steps, so tokens/s leaves evals and setup out."""
+
+    def __init__(self):
+        self.seconds, self._t0 = 0.0, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._t0 is not None:
+            self.seconds += time.perf_counter() - self._t0
+            self._t0 = None
+
+
+def sft_config(cfg: RunConfig, out_dir: Path, report_to: list[str]):
+    """TRL's SFTConfig for a run config."""
+    from trl import SFTConfig
+
+    t = cfg.trainer
+    mode = hardware.precision(t.precision)
+    return SFTConfig(
+        output_dir=str(out_dir / "checkpoints"),
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        max_steps=t.max_steps,
+        num_train_epochs=t.num_epochs,
+        max_length=t.max_length,
+        packing=t.packing,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        bf16=mode == "bf16",
+        fp16=mode == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_nan_inf_filter=False,  # a diverging run must show its NaN loss
+        eval_strategy="steps" if t.eval_every else "no",
+        eval_steps=t.eval_every or None,
+        save_strategy="no",
+        report_to=report_to,
+        run_name=out_dir.name,
+        completion_only_loss=True,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_pin_memory=torch.cuda.is_available(),
+        disable_tqdm=False,
+    )
+
+
+def _trainer(worker: Worker, peft_model, args, cfg: RunConfig, callbacks):
+    from trl import SFTTrainer
+
+    key = (cfg.trainer.max_length, cfg.trainer.packing, cfg.data.format)
+    cached = worker.tokenized.get(key)
+    trainer = SFTTrainer(
+        model=peft_model,
+        args=args,
+        train_dataset=cached[0] if cached else worker.data.train,
+        eval_dataset=cached[1] if cached else worker.data.eval,
+        processing_class=worker.base.tokenizer,
+        callbacks=list(callbacks),
+    )
+    if not cached:
+        worker.tokenized[key] = (trainer.train_dataset, trainer.eval_dataset)
+    full_eval = worker.tokenized[key][1]
+    trainer.eval_dataset = full_eval.select(range(min(cfg.trainer.eval_subset, len(full_eval))))
+    return trainer, full_eval
+
+
+def _exact_match(model, worker: Worker, cfg: RunConfig) -> dict:
+    n = cfg.trainer.exact_match_items
+    if not (cfg.data.exact_match and n):
+        return {}
+    return evaluate.score(model, worker.base.tokenizer, worker.data.eval_prompts(n), worker.data.eval_answers[:n],
+                          cfg.trainer.max_new_tokens, cfg.trainer.eval_batch_size)
+
+
+def baseline(worker: Worker, cfg: RunConfig, trainer, full_eval, peft_model) -> dict:
+    """The base model's eval loss and exact match (adapter disabled), computed once per worker."""
+    if worker.baseline is None:
+        log.info("evaluating the base model (once per worker)")
+        with peft_model.disable_adapter():
+            loss = trainer.evaluate(eval_dataset=full_eval)["eval_loss"]
+            em = _exact_match(peft_model, worker, cfg)
+        worker.baseline = {"base_eval_loss": loss, "base_perplexity": math.exp(min(loss, 50)),
+                           "base_exact_match": em.get("exact_match"), "base_samples": em.get("samples")}
+        log.info("base model: eval loss %.4f%s", loss,
+                 f", exact match {em['exact_match']:.0%}" if em else "")
+    return worker.baseline
+
+
+def train_adapter(worker: Worker, cfg: RunConfig, out_dir: Path, callbacks=(), report_to=(),
+                  with_baseline: bool = True, save: bool = True) -> dict:
+    """Attach a fresh adapter to the worker's base, train, evaluate, save it; the base is left as it was."""
+    t_start = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    peft_model = adapters.attach(worker.base.model, cfg.lora, cfg.model)
+    trainer = None
+    try:
+        trainable, total = peft_model.get_nb_trainable_parameters()
+        timer = StepTimer()
+        args = sft_config(cfg, out_dir, list(report_to))
+        trainer, full_eval = _trainer(worker, peft_model, args, cfg, [timer, *callbacks])
+        metrics = dict(baseline(worker, cfg, trainer, full_eval, peft_model)) if with_baseline else {}
+        setup_s = time.perf_counter() - t_start
+        log.info("training %s steps: r=%s alpha=%s dropout=%s targets=%s lr=%.2e", cfg.trainer.max_steps,
+                 cfg.lora.r, cfg.lora.alpha_ratio * cfg.lora.r if cfg.lora.alpha_ratio else cfg.lora.alpha,
+                 cfg.lora.dropout, cfg.lora.targets, cfg.trainer.learning_rate)
+        with hardware.PeakMemory() as peak:
+            output = trainer.train()
+            losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+            final = trainer.evaluate(eval_dataset=full_eval)
+            em = _exact_match(peft_model, worker, cfg)
+        tokens = int(trainer.state.num_input_tokens_seen)
+        metrics.update({
+            "eval_loss": final["eval_loss"],
+            "perplexity": math.exp(min(final["eval_loss"], 50)),
+            "exact_match": em.get("exact_match"),
+            "samples": em.get("samples"),
+            "train_loss_first": losses[0] if losses else None,
+            "train_loss_last": losses[-1] if losses else None,
+            "train_loss_mean": output.training_loss,
+            "steps": trainer.state.global_step,
+            "train_tokens": tokens,
+            "train_step_s": timer.seconds,
+            "train_tokens_per_s": tokens / timer.seconds if timer.seconds else None,
+            "peak_memory_mb": round(peak.peak_mb, 1),
+            "trainable_params": trainable,
+            "total_params": total,
+            "setup_s": setup_s,
+        })
+        if save:
+            peft_model.save_pretrained(out_dir / "adapter", safe_serialization=True)
+        metrics["wall_s"] = time.perf_counter() - t_start
+        return metrics
+    finally:
+        if trainer is not None:
+            trainer.accelerator.free_memory()
+            del trainer
+        worker.base.model = adapters.detach(peft_model)
+        worker.base.model.eval()
+        del peft_model
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
