@@ -86,8 +86,8 @@ def check_key(key: str) -> str | None:
         if part not in names:
             here = ".".join(parts[:i])
             valid = [f"{here}.{n}" if here else n for n in names]
-            close = difflib.get_close_matches(key, schema_keys(), n=3, cutoff=0.6)
-            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            close = difflib.get_close_matches(key, schema_keys(), n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]}? " if close else ""
             where = f"under {here}: " if here else "top-level keys: "
             return f"unknown config key '{key}'; {hint}({where}{', '.join(valid)})"
         tp = _field_type(dc, part)
@@ -135,3 +135,16 @@ def check_overrides(args: list[str]) -> None:
 def to_run_config(cfg) -> schema.RunConfig:
     """Turn a composed DictConfig into the typed RunConfig dataclass."""
     return OmegaConf.to_object(cfg)
+
+
+def load_config(overrides: list[str] = ()) -> schema.RunConfig:
+    """Compose conf/ with overrides through Hydra's compose API (for tests and notebooks)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    check_overrides(list(overrides))
+    register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    return to_run_config(cfg)

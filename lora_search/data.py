@@ -64,8 +64,16 @@ def _message_list(value, role: str) -> list[dict]:
 
 
 def _from_sharegpt(turns: list[dict]) -> list[dict]:
+    """ShareGPT turns (from/value), or `conversations` that hold role/content messages."""
     roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-    return [{"role": roles.get(t.get("from"), t.get("from")), "content": _text(t.get("value"))} for t in turns]
+
+    def first(turn, *keys):  # Arrow gives every struct all keys, absent ones as None
+        return next((turn[k] for k in keys if turn.get(k) is not None), None)
+
+    return [
+        {"role": roles.get(r := first(t, "from", "role"), r), "content": _text(first(t, "value", "content"))}
+        for t in turns
+    ]
 
 
 def to_prompt_completion(row: dict, layout: str, cfg: DataConfig) -> tuple[list[dict], list[dict]]:
@@ -142,8 +150,11 @@ def _convert(table, layout: str, cfg: DataConfig, where: str) -> list[dict]:
 def _embedded_rows(cfg: DataConfig):
     train, evals = task_gen.train_eval(list(cfg.tasks), cfg.train_per_task, cfg.eval_per_task, cfg.seed)
 
+    system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+
     def as_row(r):
-        return {"prompt": [{"role": "user", "content": r["prompt"]}], "completion": [{"role": "assistant", "content": r["answer"]}]}
+        prompt = system + [{"role": "user", "content": r["prompt"]}]
+        return {"prompt": prompt, "completion": [{"role": "assistant", "content": r["answer"]}]}
 
     return [as_row(r) for r in train], [as_row(r) for r in evals]
 

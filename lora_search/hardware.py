@@ -23,9 +23,20 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def cpu_has_bf16() -> bool:
+    """Whether the CPU has native bf16 arithmetic (AVX512-BF16 or AMX), where bf16 autocast is faster."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def bf16_supported() -> bool:
     """Whether bf16 compute is supported (and fast) on this worker's device."""
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_bf16()
 
 
 def model_dtype(name: str) -> torch.dtype:
@@ -38,12 +49,13 @@ def model_dtype(name: str) -> torch.dtype:
 
 
 def precision(name: str) -> str:
-    """The mixed-precision mode for `trainer.precision` (auto: bf16/fp16 on CUDA, fp32 on CPU)."""
+    """The mixed-precision mode for `trainer.precision` (auto: bf16 where the device has it, fp16 on
+    older GPUs, else fp32). On CPU, bf16 is autocast over fp32 weights."""
     if name != "auto":
         return name
     if torch.cuda.is_available():
         return "bf16" if bf16_supported() else "fp16"
-    return "fp32"
+    return "bf16" if bf16_supported() else "fp32"
 
 
 def _rss_mb() -> float:

@@ -21,6 +21,7 @@ from lora_search.schema import ModelConfig, QuantConfig
 
 log = logging.getLogger(__name__)
 
+CACHE_FORMAT = 2  # bump when the cached copies change shape
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -96,11 +97,11 @@ def local_copy(m: ModelConfig, cache_dir: str | None) -> str:
         return m.path
     if m.source == "embedded":
         gguf = embedded_gguf(m)
-        folder = cache_root(cache_dir) / "models" / f"{m.name}-{_key(gguf.name, gguf.stat().st_size)}"
+        folder = cache_root(cache_dir) / "models" / f"{m.name}-{_key(CACHE_FORMAT, gguf.name, gguf.stat().st_size)}"
         if not (folder / "config.json").exists():
             _convert_gguf(gguf, folder)
         return str(folder)
-    folder = cache_root(cache_dir) / "models" / f"{m.name}-{_key(m.tiny)}"
+    folder = cache_root(cache_dir) / "models" / f"{m.name}-{_key(CACHE_FORMAT, m.tiny)}"
     if not (folder / "config.json").exists():
         from transformers import AutoModelForCausalLM
 
@@ -131,7 +132,11 @@ def _convert_gguf(gguf: Path, folder: Path) -> None:
     t0 = time.time()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    model.hf_quantizer = None  # save_pretrained refuses a GGUF-loaded model otherwise
+    # The weights are dequantized now: drop the GGUF marks, or save_pretrained refuses and the
+    # reloaded copy would claim a quantization that cannot be trained.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.config.__dict__.pop("quantization_config", None)
     if "<|endoftext|>" in tokenizer.get_vocab() and tokenizer.pad_token == tokenizer.eos_token:
         tokenizer.pad_token = "<|endoftext|>"  # padding must not look like the end of an answer
         model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -147,7 +152,7 @@ def architecture(m: ModelConfig, cache_dir: str | None):
         return _tiny_config(m, len(byte_tokenizer()))
     if m.source == "embedded":
         gguf = embedded_gguf(m)
-        folder = cache_root(cache_dir) / "models" / f"{m.name}-{_key(gguf.name, gguf.stat().st_size)}"
+        folder = cache_root(cache_dir) / "models" / f"{m.name}-{_key(CACHE_FORMAT, gguf.name, gguf.stat().st_size)}"
         if (folder / "config.json").exists():
             return AutoConfig.from_pretrained(folder)
         return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -207,6 +212,13 @@ def load_base(m: ModelConfig, q: QuantConfig, cache_dir: str | None, gradient_ch
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     for p in model.parameters():
         p.requires_grad_(False)
+    if q.mode in ("nf4", "fp4"):
+        # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for fast inference on its
+        # first no-grad forward (absmax rounded to bf16) and packs it back, re-quantized, whenever
+        # the module is saved or wrapped: every trial would nudge the shared base. Keep one format.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     load_s = time.time() - t0
     log.info("loaded %s from %s on %s (%s%s) in %.1f s", m.name, path, dev, str(dtype).replace("torch.", ""),
              f", {q.mode}" if qconfig is not None else "", load_s)

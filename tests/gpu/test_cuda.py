@@ -1,0 +1,35 @@
+"""CUDA paths: device placement, bf16 by default, nf4 QLoRA on the GPU. Skipped without CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lora_search import hardware, models, runs
+from lora_search.train import train_adapter
+
+pytestmark = pytest.mark.gpu
+
+
+def test_auto_precision_and_dtype_follow_the_gpu():
+    assert hardware.device().type == "cuda"
+    expected = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    assert hardware.precision("auto") == expected
+    assert hardware.model_dtype("auto") in (torch.bfloat16, torch.float16)
+
+
+def test_local_rank_picks_the_worker_gpu(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", str(torch.cuda.device_count() - 1))
+    assert hardware.device().index == torch.cuda.device_count() - 1
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_training_on_gpu_keeps_the_base_and_learns(make_cfg, tiny_overrides, tmp_path, quant):
+    cfg = make_cfg(*tiny_overrides, f"quant={quant}", "model.dtype=auto")
+    worker = runs.start_worker(cfg)
+    assert next(worker.base.model.parameters()).device.type == "cuda"
+    before = models.checksum(worker.base.model)
+    metrics = train_adapter(worker, cfg, tmp_path / "run")
+    assert metrics["eval_loss"] < metrics["base_eval_loss"]
+    assert models.checksum(worker.base.model) == before
+    assert metrics["peak_memory_mb"] > 0

@@ -1,0 +1,90 @@
+"""The command line: a tiny end-to-end run, and bad input that fails fast with one clear line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import TINY_FAST
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "lora_search", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, **(env or {})})
+
+
+def test_stage_train_on_tiny_model_writes_the_run_folder(tmp_path, tiny_cache):
+    proc = cli("stage=train", "model=tiny_llama", "run_name=t1", f"results_dir={tmp_path}", f"cache_dir={tiny_cache}",
+               *TINY_FAST)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "t1"
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("eval_loss", "base_eval_loss", "exact_match", "base_exact_match", "train_tokens_per_s",
+                "peak_memory_mb", "trainable_params", "wall_s"):
+        assert metrics[key] is not None, key
+    assert metrics["eval_loss"] < metrics["base_eval_loss"]
+    assert json.loads((run / "status.json").read_text())["status"] == "complete"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["model"]["name"] == "tiny_llama" and config["trainer"]["max_steps"] == 12
+    assert (run / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 8
+    assert "eval loss" in proc.stdout + proc.stderr  # progress and the summary line are shown
+
+
+def _bad_file(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"question": "q", "reply": "a"}\n' * 3)
+    return path
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["model=gpt5"], "model=gpt5 is not a known model config"),
+        (["lora.r=0"], "lora.r must be a positive integer, got 0"),
+        (["lora.dropout=1.5"], "lora.dropout must be in [0, 1), got 1.5"),
+        (["trainer.learning_rate=-3e-4"], "trainer.learning_rate must be a positive number, got -0.0003"),
+        (["trainr.learning_rate=1e-4"], "unknown config key 'trainr.learning_rate'; did you mean trainer.learning_rate?"),
+        (["model=tiny_llama", "lora.targets=[q_proj,wq]"], "lora.targets: entry 'wq' matches no module"),
+        (["model=tiny_llama", "lora.targets=fused"], "lora.targets: unknown preset 'fused'"),
+        (["data=local", "data.path=/nonexistent/train.jsonl"], "data.path: no such file '/nonexistent/train.jsonl'"),
+        (["model=tiny_llama", "data=local", "data.path=BADFILE", "data.layout=prompt_completion"],
+         "is missing column(s) prompt, completion; it has: question, reply"),
+    ],
+)
+def test_bad_input_fails_fast_with_one_line(args, expected, tmp_path, tiny_cache):
+    args = [a.replace("BADFILE", str(_bad_file(tmp_path))) for a in args]
+    proc = cli("stage=train", f"results_dir={tmp_path}", f"cache_dir={tiny_cache}", *args)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").glob("*/metrics.json"))
+
+
+def test_nf4_without_bitsandbytes_exits_with_one_line(monkeypatch, capsys, tmp_path):
+    import importlib.util
+
+    from lora_search.__main__ import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(SystemExit) as info:
+        main(["stage=train", "quant=nf4", f"results_dir={tmp_path}", "hydra.run.dir=" + str(tmp_path / "h")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: quant=nf4 (mode nf4) needs bitsandbytes, which is not installed" in err
+
+
+def test_several_problems_are_listed_together(tmp_path):
+    proc = cli("stage=train", "lora.r=0", "lora.dropout=3", f"results_dir={tmp_path}")
+    assert proc.returncode == 2
+    assert "2 problems" in proc.stderr and "lora.r" in proc.stderr and "lora.dropout" in proc.stderr

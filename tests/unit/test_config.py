@@ -1,0 +1,137 @@
+"""Composition, schemas and validation: every bad input names the key, the value and what is accepted."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from lora_search import compose, schema
+from lora_search.compose import load_config
+from lora_search.errors import ConfigError
+from lora_search.validate import validate
+
+
+def problems_of(*overrides):
+    cfg = load_config(list(overrides))
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    return info.value.problems
+
+
+def test_default_composes_to_typed_config():
+    cfg = load_config([])
+    assert isinstance(cfg, schema.RunConfig)
+    assert cfg.model.name == "smollm2_135m" and cfg.model.source == "embedded"
+    assert cfg.lora.name == "balanced" and cfg.quant.mode == "none" and cfg.data.source == "embedded"
+    assert cfg.stage == "train"
+    validate(cfg)  # the default is valid
+
+
+@pytest.mark.parametrize(
+    "preset, r, alpha, dropout, targets, extra",
+    [
+        ("minimal", 4, 8, 0.0, "qv", {}),
+        ("balanced", 8, 16, 0.05, "attn", {}),
+        ("performance", 16, 32, 0.1, "all_linear", {"bias": "lora_only"}),
+        ("domain_shift", 32, 64, 0.05, "all_linear", {"modules_to_save": ["embed_tokens", "lm_head"]}),
+    ],
+)
+def test_lora_presets_match_the_guide(preset, r, alpha, dropout, targets, extra):
+    lora = load_config([f"lora={preset}"]).lora
+    assert (lora.r, lora.alpha, lora.dropout, lora.targets) == (r, alpha, dropout, targets)
+    for key, value in extra.items():
+        assert getattr(lora, key) == value
+
+
+def test_every_config_group_has_a_registered_schema():
+    from hydra.core.config_store import ConfigStore
+
+    compose.register()
+    repo = ConfigStore.instance().repo
+    assert "run_schema.yaml" in repo
+    for group in schema.GROUPS:
+        assert f"{group}_schema.yaml" in repo[group], group
+
+
+def test_hub_models_have_every_target_preset():
+    for name in compose.group_choices("model"):
+        cfg = load_config([f"model={name}"] + (["model.path=/tmp"] if name == "local" else []))
+        assert set(cfg.model.target_presets) >= {"qv", "attn", "mlp", "all_linear"}, name
+    hub = [n for n in compose.group_choices("model") if load_config([f"model={n}"] if n != "local" else []).model.source == "hub"]
+    assert len(hub) >= 4
+
+
+def test_command_line_override_reaches_the_config():
+    cfg = load_config(["model=tiny_llama", "lora=performance", "quant=nf4", "trainer.learning_rate=3e-4"])
+    assert cfg.trainer.learning_rate == 3e-4 and cfg.quant.mode == "nf4" and cfg.lora.r == 16
+
+
+def test_unknown_group_choice_names_the_choices():
+    with pytest.raises(ConfigError) as info:
+        load_config(["model=tiny_lama"])
+    message = info.value.problems[0]
+    assert "model=tiny_lama" in message and "tiny_llama" in message and "smollm2_135m" in message
+
+
+def test_unknown_key_names_the_closest_keys():
+    with pytest.raises(ConfigError) as info:
+        load_config(["lora.rank=8"])
+    message = info.value.problems[0]
+    assert "lora.rank" in message and "lora.r" in message
+
+
+def test_free_form_dict_keys_are_accepted():
+    cfg = load_config(["+lora.rank_pattern.q_proj=4"])
+    assert cfg.lora.rank_pattern == {"q_proj": 4}
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("lora.r=0", "lora.r must be a positive integer, got 0"),
+        ("lora.dropout=1.0", "lora.dropout must be in [0, 1), got 1.0"),
+        ("lora.dropout=-0.1", "lora.dropout must be in [0, 1), got -0.1"),
+        ("trainer.learning_rate=0", "trainer.learning_rate must be a positive number, got 0"),
+        ("trainer.learning_rate=-1e-4", "trainer.learning_rate must be a positive number, got -0.0001"),
+        ("lora.bias=some", "lora.bias must be one of none, all, lora_only; got 'some'"),
+        ("trainer.lr_scheduler=cosinus", "trainer.lr_scheduler must be one of linear, cosine"),
+        ("lora.targets=everything", "lora.targets: unknown preset 'everything' for model smollm2_135m; presets: qv, attn"),
+        ("trainer.precision=fp8", "trainer.precision must be one of auto, fp32, bf16, fp16; got 'fp8'"),
+    ],
+)
+def test_bad_values_are_named(override, expected):
+    assert any(expected in p for p in problems_of(override)), problems_of(override)
+
+
+def test_all_problems_are_reported_at_once():
+    problems = problems_of("lora.r=0", "lora.dropout=2", "trainer.learning_rate=0")
+    assert len(problems) == 3
+
+
+def test_missing_data_file_is_named(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    problems = problems_of("data=local", f"data.path={missing}")
+    assert problems == [f"data.path: no such file '{missing}'"]
+
+
+def test_unsupported_data_file_type(tmp_path):
+    path = tmp_path / "data.txt"
+    path.write_text("hello")
+    assert "accepted: .json, .jsonl, .csv, .parquet" in problems_of("data=local", f"data.path={path}")[0]
+
+
+def test_nf4_without_bitsandbytes_is_refused(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    problems = problems_of("quant=nf4")
+    assert problems == ["quant=nf4 (mode nf4) needs bitsandbytes, which is not installed; "
+                        "`pip install bitsandbytes`, or use quant=none"]
+
+
+def test_schema_keys_cover_nested_groups():
+    keys = compose.schema_keys()
+    assert {"lora.r", "trainer.learning_rate", "model.source", "stage"} <= set(keys)
+    assert all(dataclasses.is_dataclass(t) for t in schema.GROUPS.values())

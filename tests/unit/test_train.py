@@ -1,0 +1,136 @@
+"""Training on the tiny model: the loss falls, the adapter learns, the shared base stays bit-identical."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lora_search import adapters, models, runs
+from lora_search.train import train_adapter
+
+
+@pytest.fixture
+def worker_and_cfg(make_cfg, tiny_overrides):
+    cfg = make_cfg(*tiny_overrides)
+    return runs.start_worker(cfg), cfg
+
+
+def test_training_lowers_loss_and_trains_only_the_adapter(worker_and_cfg, tmp_path):
+    worker, cfg = worker_and_cfg
+    before = models.checksum(worker.base.model)
+    metrics = train_adapter(worker, cfg, tmp_path / "run")
+
+    assert metrics["eval_loss"] < metrics["base_eval_loss"]
+    assert metrics["train_loss_last"] < metrics["train_loss_first"]
+    assert metrics["steps"] == cfg.trainer.max_steps
+    assert metrics["train_tokens"] > 0 and metrics["train_tokens_per_s"] > 0
+    assert metrics["peak_memory_mb"] > 0 and metrics["wall_s"] > 0
+    assert 0 < metrics["trainable_params"] < metrics["total_params"]
+    assert 0.0 <= metrics["exact_match"] <= 1.0 and metrics["base_exact_match"] is not None
+
+    adapter = load_file(tmp_path / "run" / "adapter" / "adapter_model.safetensors")
+    lora_b = [t for name, t in adapter.items() if "lora_B" in name]
+    assert lora_b and all(torch.count_nonzero(t) > 0 for t in lora_b)  # B starts at zero: it moved
+    assert sum(t.numel() for t in adapter.values()) == metrics["trainable_params"]
+    assert models.checksum(worker.base.model) == before
+    assert not any("lora" in name for name, _ in worker.base.model.named_modules())
+
+
+def test_several_runs_share_one_base_and_leave_it_unchanged(worker_and_cfg, tmp_path, monkeypatch):
+    worker, cfg = worker_and_cfg
+    loads = []
+    monkeypatch.setattr(models, "load_base", lambda *a, **k: loads.append(1))
+    before = models.checksum(worker.base.model)
+    results = []
+    for i, (r, targets) in enumerate([(4, "qv"), (8, "all_linear"), (2, "mlp")]):
+        cfg.lora.r, cfg.lora.targets = r, targets
+        results.append(train_adapter(worker, cfg, tmp_path / f"run{i}", save=False))
+        assert models.checksum(worker.base.model) == before
+    assert loads == []  # reused, never reloaded
+    assert len({m["trainable_params"] for m in results}) == 3
+    assert len(worker.tokenized) == 1  # tokenized once, reused by every run
+    assert results[0]["base_eval_loss"] == results[2]["base_eval_loss"]  # the baseline is computed once
+
+
+def test_nan_loss_is_visible_not_filtered(worker_and_cfg, tmp_path):
+    worker, cfg = worker_and_cfg
+    cfg.trainer.learning_rate = 1e6
+    cfg.trainer.max_grad_norm = 1e9
+    cfg.trainer.max_steps = 6
+    metrics = train_adapter(worker, cfg, tmp_path / "run", save=False)
+    assert not math.isfinite(metrics["eval_loss"]) or metrics["eval_loss"] > metrics["base_eval_loss"]
+
+
+def test_nf4_qlora_trains_on_cpu(make_cfg, tiny_overrides, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    cfg = make_cfg(*tiny_overrides, "quant=nf4", "lora=performance")
+    worker = runs.start_worker(cfg)
+    assert worker.base.quantized
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in worker.base.model.modules())
+    before = models.checksum(worker.base.model)
+    metrics = train_adapter(worker, cfg, tmp_path / "run")
+    assert metrics["eval_loss"] < metrics["base_eval_loss"]
+    assert models.checksum(worker.base.model) == before
+
+
+def test_int8_base_trains_on_cpu(make_cfg, tiny_overrides, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    cfg = make_cfg(*tiny_overrides, "quant=int8")
+    worker = runs.start_worker(cfg)
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in worker.base.model.modules())
+    metrics = train_adapter(worker, cfg, tmp_path / "run", save=False)
+    assert metrics["eval_loss"] < metrics["base_eval_loss"]
+
+
+def test_llama2_7b_trainable_parameters_match_the_lora_guide():
+    from transformers import LlamaConfig
+
+    from lora_search.schema import LoraSpec, ModelConfig
+
+    model_cfg = ModelConfig(name="llama2_7b", target_presets={"attn": ["q_proj", "k_proj", "v_proj", "o_proj"]})
+    meta = models.meta_model(LlamaConfig())  # LlamaConfig's defaults are the Llama-2-7B shape
+    assert all(p.device.type == "meta" for p in meta.parameters())
+    trainable, total = adapters.count_parameters(LoraSpec(r=8, alpha=16, targets="attn"), model_cfg, meta)
+    assert (trainable, total) == (8_388_608, 6_746_804_224)
+
+
+def test_target_that_matches_nothing_is_refused_before_weights_load(make_cfg, monkeypatch):
+    from lora_search.errors import ConfigError
+
+    monkeypatch.setattr(models, "load_base", lambda *a, **k: pytest.fail("weights loaded"))
+    cfg = make_cfg("lora.targets=[q_proj,qkv_proj]")
+    with pytest.raises(ConfigError) as info:
+        runs.train_stage(cfg)
+    message = info.value.problems[0]
+    assert "'qkv_proj' matches no module in LlamaForCausalLM" in message  # q_proj matched; one miss is enough
+    assert "q_proj" in message.split("target:")[-1]
+
+
+def test_preset_from_another_model_is_refused(make_cfg, monkeypatch):
+    from lora_search.errors import ConfigError
+
+    monkeypatch.setattr(models, "load_base", lambda *a, **k: pytest.fail("weights loaded"))
+    cfg = make_cfg("+model.target_presets.fused=[qkv_proj,gate_up_proj]", "lora.targets=fused")
+    with pytest.raises(ConfigError) as info:
+        runs.train_stage(cfg)
+    assert len(info.value.problems) == 2
+    assert "preset 'fused' (tiny_llama) entry 'qkv_proj' matches no module" in info.value.problems[0]
+
+
+def test_missing_columns_fail_before_weights_load(make_cfg, monkeypatch, tmp_path):
+    from lora_search.errors import DataError
+
+    monkeypatch.setattr(models, "load_base", lambda *a, **k: pytest.fail("weights loaded"))
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"instruction": "hi", "answer": "yo"}\n' * 4)
+    cfg = make_cfg("data=local", f"data.path={path}", "data.layout=alpaca")
+    with pytest.raises(DataError) as info:
+        runs.train_stage(cfg)
+    assert "missing column(s) output" in str(info.value) and "instruction, answer" in str(info.value)
