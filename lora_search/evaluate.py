@@ -30,7 +30,7 @@ def generate(model, tokenizer, prompts: list, max_new_tokens: int, batch_size: i
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
                               add_special_tokens=not chat).to(device)
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             gen = out[:, batch["input_ids"].shape[1] :]
             for row in gen:

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from lora_search import hardware
 
-SECRET_KEYS = re.compile(r"(api_?key|token|password|secret)", re.I)
+SECRET_KEYS = re.compile(r"(^|_)(api_?key|token|password|secret|auth)$", re.I)
 
 
 def _jsonable(value):

@@ -130,17 +130,21 @@ class BenchmarkConfig:
 
 @dataclass
 class SweepConfig:
-    name: str = "rank_lr"  # study name; defaults to the sweep file's name
-    n_trials: int = 8
-    timeout_s: Optional[float] = None  # wall-clock budget for the search
-    metric: str = "eval_loss"
-    direction: str = "minimize"
-    sampler: Dict[str, Any] = field(default_factory=lambda: {"type": "tpe", "seed": 0})
-    pruner: Dict[str, Any] = field(default_factory=lambda: {"type": "median"})
-    space: Dict[str, Any] = field(default_factory=dict)  # dotted config key -> distribution
-    trial: Dict[str, Any] = field(default_factory=dict)  # config overrides for short trials
-    promotion: Dict[str, Any] = field(default_factory=dict)  # config overrides for the full run
-    storage: Optional[str] = None  # an Optuna storage URL; default results/<study>/study.db
+    name: str = "rank_lr"  # study name (results/<name>/); the sweep file's name unless set
+    n_trials: int = 8  # finished (complete or pruned) trials the study needs, across all runs and workers
+    timeout_s: Optional[float] = None  # wall-clock budget for the search in this invocation
+    metric: str = "eval_loss"  # the objective: a key of a trial's metrics (eval_loss, exact_match, perplexity)
+    direction: str = "minimize"  # minimize | maximize
+    # The sampler and pruner: a name (sweep.sampler=random) or {type: name, **constructor kwargs}.
+    sampler: Any = field(default_factory=lambda: {"type": "tpe", "seed": 0})  # tpe | random | grid | cmaes
+    pruner: Any = field(default_factory=lambda: {"type": "median"})  # median | successive_halving | hyperband | none
+    space: Dict[str, Any] = field(default_factory=dict)  # dotted config key -> {type, low, high, log, step, choices}
+    enqueue: List[Dict[str, Any]] = field(default_factory=list)  # trials to run first: {dotted key: value}
+    trial: Dict[str, Any] = field(default_factory=dict)  # dotted overrides for the short trials
+    promotion: Dict[str, Any] = field(default_factory=dict)  # dotted overrides for the full run of the best
+    storage: Optional[str] = None  # an Optuna storage URL; default sqlite:///results/<name>/study.db
+    workers: int = 1  # worker processes on this machine (one per GPU: CUDA_VISIBLE_DEVICES is split)
+    heartbeat_s: int = 60  # a worker silent for 2x this is dead: its trial is failed and retried once
 
 
 @dataclass
@@ -153,7 +157,8 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
-    stage: str = "train"  # train
+    stage: str = "all"  # all (search, promote, merge, benchmark, report) | one of them | train
+    force: bool = False  # re-run finished stages after the search (promotion, merge, benchmark)
     run_name: Optional[str] = None  # results/runs/<run_name>; default <model>-<lora>-<time>
     results_dir: str = "results"
     cache_dir: Optional[str] = None  # converted models; default $LORA_SEARCH_CACHE or ~/.cache/lora_search
@@ -169,7 +174,7 @@ GROUPS = {
     "benchmark": BenchmarkConfig,
     "sweep": SweepConfig,
 }
-STAGES = ("train",)
+STAGES = ("all", "search", "promote", "merge", "benchmark", "report", "train")
 
 
 def register() -> None:

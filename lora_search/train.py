@@ -141,6 +141,11 @@ def train_adapter(worker: Worker, cfg: RunConfig, out_dir: Path, callbacks=(), r
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
+    with adapters.trainer_patches_undone(worker.base.model):
+        return _train(worker, cfg, out_dir, callbacks, report_to, with_baseline, save, t_start)
+
+
+def _train(worker: Worker, cfg: RunConfig, out_dir: Path, callbacks, report_to, with_baseline, save, t_start) -> dict:
     peft_model = adapters.attach(worker.base.model, cfg.lora, cfg.model)
     trainer = None
     try:

@@ -24,7 +24,7 @@ def test_default_composes_to_typed_config():
     assert isinstance(cfg, schema.RunConfig)
     assert cfg.model.name == "smollm2_135m" and cfg.model.source == "embedded"
     assert cfg.lora.name == "balanced" and cfg.quant.mode == "none" and cfg.data.source == "embedded"
-    assert cfg.stage == "train"
+    assert cfg.stage == "all" and cfg.sweep.name == "rank_lr"
     validate(cfg)  # the default is valid
 
 

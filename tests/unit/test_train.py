@@ -50,6 +50,8 @@ def test_several_runs_share_one_base_and_leave_it_unchanged(worker_and_cfg, tmp_
         results.append(train_adapter(worker, cfg, tmp_path / f"run{i}", save=False))
         assert models.checksum(worker.base.model) == before
     assert loads == []  # reused, never reloaded
+    assert "forward" not in worker.base.model.__dict__  # no trainer wrapper left on the shared base
+    assert worker.base.model.config.use_cache
     assert len({m["trainable_params"] for m in results}) == 3
     assert len(worker.tokenized) == 1  # tokenized once, reused by every run
     assert results[0]["base_eval_loss"] == results[2]["base_eval_loss"]  # the baseline is computed once

@@ -1,0 +1,90 @@
+"""results/<study>/report.md: the trials, the winner, the full run against its trial, the merge and
+the benchmark, from the study's storage and the records on disk alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+
+from lora_search import records
+
+
+def _cell(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value).replace("|", "/")
+
+
+def _kind(spec) -> str:
+    return spec if isinstance(spec, str) else spec.get("type")
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def trial_rows(study: optuna.Study, metric: str) -> tuple[list[str], list[list]]:
+    """One row per trial: number, state, params, metric, exact match, steps, seconds, reason."""
+    trials = study.get_trials(deepcopy=False)
+    keys = sorted({k for t in trials for k in t.params})
+    header = ["#", "state", *[k.split(".")[-1] for k in keys], metric, "exact match", "steps", "s", "reason"]
+    rows = []
+    for t in trials:
+        attrs = t.user_attrs
+        steps = attrs.get("steps") or (t.last_step if t.state == optuna.trial.TrialState.PRUNED else None)
+        seconds = t.duration.total_seconds() if t.duration else attrs.get("wall_s")
+        rows.append([t.number, t.state.name.lower(), *[t.params.get(k) for k in keys], t.value,
+                     attrs.get("exact_match"), steps, seconds, attrs.get("reason", "")])
+    return header, rows
+
+
+def _benchmark_section(bench: dict) -> list[str]:
+    names = [n for n in ("base", "tuned", "adapter", "int8_dynamic") if n in bench]
+    fields = [("eval_loss", "eval loss"), ("perplexity", "perplexity"), ("exact_match", "exact match"),
+              ("latency_p50_s", "latency p50 (s)"), ("latency_p95_s", "latency p95 (s)"),
+              ("tokens_per_s", "tokens/s"), ("peak_memory_mb", "peak memory (MB)"), ("size_mb", "size (MB)")]
+    rows = [[label, *[bench[n].get(key) for n in names]] for key, label in fields
+            if any(bench[n].get(key) is not None for n in names)]
+    return ["## Benchmark: base vs tuned", "", table(["", *names], rows), ""]
+
+
+def write_report(study: optuna.Study, cfg, out: Path) -> Path:
+    """Write report.md for a study folder and return its path."""
+    s = cfg.sweep
+    states = [t.state.name.lower() for t in study.get_trials(deepcopy=False)]
+    counts = ", ".join(f"{states.count(k)} {k}" for k in ("complete", "pruned", "fail", "running") if k in states)
+    lines = [f"# Study `{s.name}`", "",
+             f"Model `{cfg.model.name}`, data `{cfg.data.name}`, quantization `{cfg.quant.name}`; objective: "
+             f"{s.direction} `{s.metric}`; sampler {_kind(s.sampler)}, pruner {_kind(s.pruner)}.", "",
+             f"## Trials ({len(states)}: {counts})", ""]
+    header, rows = trial_rows(study, s.metric)
+    lines += [table(header, rows), ""]
+    best = records.read_json(out / "best.json")
+    if best:
+        params = ", ".join(f"`{k}={v}`" for k, v in best["params"].items())
+        lines += [f"## Best trial: #{best['trial']}", "", f"{s.metric} {best['value']:.4f} with {params}.", ""]
+    full = records.read_json(out / "full" / "metrics.json")
+    if full and full.get("full_value") is not None:
+        delta = full["full_value"] - full["trial_value"]
+        lines += ["## Promotion", "",
+                  f"The full run ({full['steps']} steps) reached {s.metric} {full['full_value']:.4f}, against "
+                  f"{full['trial_value']:.4f} in its trial ({'+' if delta >= 0 else ''}{delta:.4f}); "
+                  f"exact match {_cell(full.get('exact_match'))}. Adapter: `{out / 'full' / 'adapter'}`.", ""]
+    merge = records.read_json(out / "merge.json")
+    if merge:
+        lines += ["## Merge", "", f"Merged model: `{merge.get('merged_dir')}` ({_cell(merge.get('merged_size_mb'))} MB; "
+                  f"adapter {_cell(merge.get('adapter_size_mb'))} MB); merged and unmerged logits differ by at most "
+                  f"{_cell(merge.get('max_logit_diff'))}.", ""]
+    bench = records.read_json(out / "benchmark.json")
+    if bench:
+        lines += _benchmark_section(bench)
+    path = out / "report.md"
+    records.write_text(path, "\n".join(lines))
+    return path

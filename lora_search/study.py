@@ -1,0 +1,265 @@
+"""The Optuna study: storage, sampler and pruner from the sweep file, and the search stage that
+runs pruned trials on one loaded base, recording each in the study and in results/<study>/trials/.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from lora_search import records, trial as space_lib
+from lora_search import launch
+from lora_search.launch import worker_id
+from lora_search.errors import ConfigError, LoraSearchError
+from lora_search.pruning import PruningCallback, TrialStopped
+from lora_search.schema import RunConfig
+from lora_search.train import Worker, train_adapter
+from lora_search.validate import validate
+
+log = logging.getLogger(__name__)
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+SAMPLERS = ("tpe", "random", "grid", "cmaes")
+PRUNERS = ("median", "successive_halving", "hyperband", "none")
+METRICS = ("eval_loss", "perplexity", "exact_match", "train_tokens_per_s")
+
+
+def study_dir(cfg: RunConfig) -> Path:
+    """results/<study name>/."""
+    return Path(cfg.results_dir) / cfg.sweep.name
+
+
+def storage_url(cfg: RunConfig) -> str:
+    """sweep.storage, or SQLite at results/<study>/study.db."""
+    if cfg.sweep.storage:
+        return cfg.sweep.storage
+    return f"sqlite:///{(study_dir(cfg) / 'study.db').resolve()}"
+
+
+def _build(kind_map: dict, spec, what: str, accepted: tuple):
+    spec = {"type": spec} if isinstance(spec, str) else dict(spec)
+    kwargs = {k: v for k, v in spec.items() if k != "type"}
+    kind = spec.get("type")
+    if kind not in kind_map:
+        raise ConfigError(f"sweep.{what}.type must be one of {', '.join(accepted)}; got {kind!r}")
+    try:
+        return kind_map[kind](**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"sweep.{what} ({kind}): {e}") from None
+
+
+def make_sampler(cfg: RunConfig):
+    """The Optuna sampler the sweep file names."""
+    space = cfg.sweep.space
+
+    def grid(**kw):
+        bad = [k for k, d in space.items() if d["type"] != "categorical"]
+        if bad:
+            raise ConfigError(f"sweep.sampler grid needs categorical entries; not categorical: {', '.join(bad)}")
+        return optuna.samplers.GridSampler({k: list(d["choices"]) for k, d in space.items()}, **kw)
+
+    kinds = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler, "grid": grid,
+             "cmaes": optuna.samplers.CmaEsSampler}
+    return _build(kinds, cfg.sweep.sampler, "sampler", SAMPLERS)
+
+
+def make_pruner(cfg: RunConfig):
+    """The Optuna pruner the sweep file names."""
+    kinds = {"median": optuna.pruners.MedianPruner, "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+             "hyperband": optuna.pruners.HyperbandPruner, "none": optuna.pruners.NopPruner}
+    return _build(kinds, cfg.sweep.pruner, "pruner", PRUNERS)
+
+
+def check_sweep(cfg: RunConfig) -> None:
+    """Every problem with the sweep file, raised once, before anything trains."""
+    s = cfg.sweep
+    problems = space_lib.check_space(s.space)
+    if s.direction not in ("minimize", "maximize"):
+        problems.append(f"sweep.direction must be minimize or maximize; got {s.direction!r}")
+    if s.metric not in METRICS:
+        problems.append(f"sweep.metric must be one of {', '.join(METRICS)}; got {s.metric!r}")
+    if s.metric == "exact_match" and not cfg.data.exact_match:
+        problems.append(f"sweep.metric=exact_match needs data with exact answers (data.exact_match), data={cfg.data.name}")
+    if not isinstance(s.n_trials, int) or s.n_trials < 1:
+        problems.append(f"sweep.n_trials must be a positive integer, got {s.n_trials!r}")
+    if s.timeout_s is not None and s.timeout_s <= 0:
+        problems.append(f"sweep.timeout_s must be positive or null, got {s.timeout_s!r}")
+    for part in ("trial", "promotion"):
+        problems.extend(f"sweep.{part}: {p}" for k in getattr(s, part) if (p := space_lib.compose.check_key(k)))
+    for entry in s.enqueue:
+        problems.extend(f"sweep.enqueue: {p}" for k in entry if (p := space_lib.compose.check_key(k)))
+    if problems:
+        raise ConfigError(problems)
+    for maker in (make_sampler, make_pruner):
+        maker(cfg)
+    trial_cfg = space_lib.apply(cfg, dict(s.trial))
+    for corner in space_lib.corners(s.space) + [dict(e) for e in s.enqueue]:
+        try:
+            validate(space_lib.apply(trial_cfg, corner))
+        except ConfigError as e:
+            problems.extend(f"sweep.space allows {k}={v!r}, which is invalid: {p}" for k, v in corner.items()
+                            for p in e.problems)
+    if problems:
+        raise ConfigError(sorted(set(problems)))
+
+
+def open_study(cfg: RunConfig) -> optuna.Study:
+    """Create or resume the study, with heartbeats so a dead worker's trial is failed and retried."""
+    study_dir(cfg).mkdir(parents=True, exist_ok=True)
+    url = storage_url(cfg)
+    # SQLite serialises writers: let a worker wait for the lock instead of failing its trial.
+    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    storage = optuna.storages.RDBStorage(
+        url,
+        engine_kwargs=engine,
+        heartbeat_interval=cfg.sweep.heartbeat_s,
+        grace_period=2 * cfg.sweep.heartbeat_s,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
+    )
+    study = optuna.create_study(study_name=cfg.sweep.name, storage=storage, load_if_exists=True,
+                                direction=cfg.sweep.direction, sampler=make_sampler(cfg), pruner=make_pruner(cfg))
+    if study.direction.name.lower() != cfg.sweep.direction:
+        raise ConfigError(f"study {cfg.sweep.name!r} in {storage_url(cfg)} was created to "
+                          f"{study.direction.name.lower()}, but sweep.direction={cfg.sweep.direction}")
+    return study
+
+
+def finished(study: optuna.Study) -> list:
+    """Trials that count toward n_trials."""
+    return study.get_trials(deepcopy=False, states=FINISHED)
+
+
+def _enqueue(study: optuna.Study, cfg: RunConfig) -> None:
+    for params in cfg.sweep.enqueue:
+        study.enqueue_trial(dict(params), skip_if_exists=True)
+
+
+def _record(out: Path, number: int, params: dict, cfg: RunConfig, metrics: dict, status: str, reason, cb) -> None:
+    records.write_json(out / "params.json", params)
+    records.write_config(out / "config.yaml", cfg)
+    values = [{"step": s, "value": v} for s, v in (cb.intermediate if cb else [])]
+    records.write_json(out / "metrics.json", {**metrics, "intermediate": values})
+    records.write_status(out, status, reason, trial=number)
+
+
+def objective_fn(cfg: RunConfig, worker: Worker):
+    """The Optuna objective: sample, apply, train with pruning, record, return the metric."""
+    base_cfg = space_lib.apply(cfg, dict(cfg.sweep.trial))
+    maximize = cfg.sweep.direction == "maximize"
+
+    def objective(trial: optuna.Trial) -> float:
+        t0 = time.perf_counter()
+        params = space_lib.suggest(trial, cfg.sweep.space)
+        out = study_dir(cfg) / "trials" / f"{trial.number:04d}"
+        trial_cfg = space_lib.apply(base_cfg, params)
+        trial.set_user_attr("params", params)
+        trial.set_user_attr("worker", worker_id())
+        callback = PruningCallback(trial, "eval_loss", maximize=maximize)
+        try:
+            validate(trial_cfg)
+            metrics = train_adapter(worker, trial_cfg, out, callbacks=[callback], with_baseline=False, save=False)
+        except TrialStopped as stop:
+            metrics = {"wall_s": time.perf_counter() - t0, "pruned_at_step": stop.step}
+            _record(out, trial.number, params, trial_cfg, metrics, "pruned", stop.reason, callback)
+            trial.set_user_attr("status", "pruned")
+            trial.set_user_attr("reason", stop.reason)
+            trial.set_user_attr("wall_s", metrics["wall_s"])
+            raise
+        except Exception as e:
+            reason = f"{type(e).__name__}: {e}"
+            _record(out, trial.number, params, trial_cfg, {"wall_s": time.perf_counter() - t0}, "failed", reason,
+                    callback)
+            trial.set_user_attr("status", "failed")
+            trial.set_user_attr("reason", reason)
+            raise
+        value = metrics.get(cfg.sweep.metric)
+        status, reason = "complete", None
+        if not space_lib.finite(value):
+            status, reason = "failed", f"{cfg.sweep.metric} is {value!r}"
+        _record(out, trial.number, params, trial_cfg, metrics, status, reason, callback)
+        keep = ("eval_loss", "perplexity", "exact_match", "train_tokens_per_s", "peak_memory_mb",
+                "trainable_params", "wall_s", "steps")
+        for key in keep:
+            if key in metrics:
+                trial.set_user_attr(key, metrics[key])
+        trial.set_user_attr("status", status)
+        if reason:
+            trial.set_user_attr("reason", reason)
+            raise RuntimeError(reason)
+        return float(value)
+
+    return objective
+
+
+def progress_callback(cfg: RunConfig, started: float, done_before: int):
+    """Log one line per finished trial: its params, metric, state, the best so far and time left."""
+    def callback(study: optuna.Study, frozen) -> None:
+        n_done = len(finished(study))
+        state = frozen.state.name.lower()
+        if frozen.state == TrialState.COMPLETE:
+            value = f"{cfg.sweep.metric} {frozen.value:.4f}"
+        else:
+            value = frozen.user_attrs.get("reason", state)
+        params = ", ".join(f"{k.split('.')[-1]}={_fmt(v)}" for k, v in frozen.params.items())
+        ran = n_done - done_before
+        per_trial = (time.perf_counter() - started) / max(ran, 1)
+        left = max(cfg.sweep.n_trials - n_done, 0) * per_trial
+        if cfg.sweep.timeout_s:
+            left = min(left, max(cfg.sweep.timeout_s - (time.perf_counter() - started), 0))
+        best = ""
+        try:
+            best = f" | best {study.best_value:.4f} (#{study.best_trial.number})"
+        except ValueError:
+            pass
+        log.info("trial %d/%d %s [%s]: %s (%.0f s)%s | ~%s left", n_done, cfg.sweep.n_trials, state.upper(), params,
+                 value, (frozen.duration.total_seconds() if frozen.duration else 0), best, _duration(left))
+    return callback
+
+
+def _fmt(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
+
+
+def search_stage(cfg: RunConfig, get_worker, overrides: list[str] = ()) -> optuna.Study:
+    """Run trials until the study has n_trials finished ones (or the timeout); resumes a stored study.
+
+    With sweep.workers > 1, as many worker processes share the study (one per GPU where there are GPUs).
+    """
+    check_sweep(cfg)
+    study = open_study(cfg)
+    done = len(finished(study))
+    if done >= cfg.sweep.n_trials:
+        log.info("study %s already has %d finished trials (n_trials=%d): nothing to search", cfg.sweep.name, done,
+                 cfg.sweep.n_trials)
+        return study
+    _enqueue(study, cfg)
+    log.info("study %s: %d of %d trials finished; storage %s", cfg.sweep.name, done, cfg.sweep.n_trials,
+             storage_url(cfg))
+    procs = launch.spawn(list(overrides), cfg.sweep.workers, study_dir(cfg) / "workers") if cfg.sweep.workers > 1 else []
+    worker = get_worker()
+    started = time.perf_counter()
+    study.optimize(
+        objective_fn(cfg, worker),
+        timeout=cfg.sweep.timeout_s,
+        callbacks=[optuna.study.MaxTrialsCallback(cfg.sweep.n_trials, states=FINISHED),
+                   progress_callback(cfg, started, done)],
+        catch=(RuntimeError, ValueError, LoraSearchError, ArithmeticError),
+        gc_after_trial=True,
+    )
+    launch.wait(procs)
+    return study
+
+
+def best_trial(study: optuna.Study):
+    """The best complete trial, or None."""
+    try:
+        return study.best_trial
+    except ValueError:
+        return None

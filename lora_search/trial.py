@@ -1,0 +1,111 @@
+"""The search space: checking it, sampling it (the one place `trial.suggest_*` is called), and
+applying sampled values to a copy of the composed config by dotted key.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lora_search import compose
+from lora_search.errors import ConfigError
+from lora_search.schema import RunConfig
+
+DIST_FIELDS = {
+    "float": {"type", "low", "high", "log", "step"},
+    "int": {"type", "low", "high", "log", "step"},
+    "categorical": {"type", "choices"},
+}
+
+
+def check_distribution(key: str, dist: Any) -> list[str]:
+    """Problems with one space entry's distribution."""
+    where = f"sweep.space.{key}"
+    if not isinstance(dist, dict) or dist.get("type") not in DIST_FIELDS:
+        got = dist.get("type") if isinstance(dist, dict) else dist
+        return [f"{where} must be a distribution with type float, int or categorical; got {got!r}"]
+    kind = dist["type"]
+    problems = []
+    extra = set(dist) - DIST_FIELDS[kind]
+    if extra:
+        problems.append(f"{where}: unknown field(s) {', '.join(sorted(extra))} for type {kind}; "
+                        f"accepted: {', '.join(sorted(DIST_FIELDS[kind]))}")
+    if kind == "categorical":
+        choices = dist.get("choices")
+        if not isinstance(choices, list) or not choices:
+            problems.append(f"{where}.choices must be a non-empty list, got {choices!r}")
+        return problems
+    low, high = dist.get("low"), dist.get("high")
+    number = (int,) if kind == "int" else (int, float)
+    if not isinstance(low, number) or not isinstance(high, number) or isinstance(low, bool):
+        return problems + [f"{where} needs numeric low and high, got low={low!r} high={high!r}"]
+    if not low < high:
+        problems.append(f"{where}: low must be below high, got low={low!r} high={high!r}")
+    if dist.get("log") and low <= 0:
+        problems.append(f"{where}: a log scale needs low > 0, got {low!r}")
+    if dist.get("log") and dist.get("step"):
+        problems.append(f"{where}: log and step cannot be combined")
+    return problems
+
+
+def corners(space: dict) -> list[dict]:
+    """For each key, its extreme values (low, high, every choice): what validation must accept."""
+    out = []
+    for key, dist in space.items():
+        values = dist["choices"] if dist["type"] == "categorical" else [dist["low"], dist["high"]]
+        out.extend({key: v} for v in values)
+    return out
+
+
+def check_space(space: dict) -> list[str]:
+    """Problems with the search space: unknown keys (with the closest ones) and bad distributions."""
+    problems = []
+    for key, dist in space.items():
+        key_problem = compose.check_key(key)
+        if key_problem:
+            problems.append(f"sweep.space: {key_problem}")
+            continue
+        problems.extend(check_distribution(key, dist))
+    return problems
+
+
+def suggest(trial, space: dict) -> dict:
+    """Sample every space entry from an Optuna trial: {dotted key: value}."""
+    values = {}
+    for key, dist in space.items():
+        kind = dist["type"]
+        if kind == "categorical":
+            values[key] = trial.suggest_categorical(key, list(dist["choices"]))
+        elif kind == "int":
+            values[key] = trial.suggest_int(key, dist["low"], dist["high"], step=dist.get("step") or 1,
+                                            log=bool(dist.get("log")))
+        else:
+            values[key] = trial.suggest_float(key, float(dist["low"]), float(dist["high"]), step=dist.get("step"),
+                                              log=bool(dist.get("log")))
+    return values
+
+
+def apply(cfg: RunConfig, values: dict) -> RunConfig:
+    """A copy of cfg with dotted keys set (typed: a value of the wrong type is a ConfigError)."""
+    node = OmegaConf.structured(cfg)
+    problems = []
+    for key, value in values.items():
+        problem = compose.check_key(key)
+        if problem:
+            problems.append(problem)
+            continue
+        try:
+            OmegaConf.update(node, key, value, merge=False)
+        except OmegaConfBaseException as e:
+            problems.append(f"{key}={value!r}: {str(e).splitlines()[0]}")
+    if problems:
+        raise ConfigError(problems)
+    return OmegaConf.to_object(node)
+
+
+def finite(value) -> bool:
+    """Whether a metric value is a finite number."""
+    return isinstance(value, (int, float)) and math.isfinite(value)

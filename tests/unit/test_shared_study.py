@@ -1,0 +1,56 @@
+"""Several workers on one study (SQLite here, PostgreSQL when CI starts one), and a dead worker's trial retried."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pytest
+
+from lora_search import study as study_lib
+from tests.conftest import TINY_FAST
+
+REPO = Path(__file__).resolve().parents[2]
+PG_URL = os.environ.get("LORA_SEARCH_TEST_PG")
+SMALL = ["data.train_per_task=24", "data.eval_per_task=6",
+         "++sweep.trial={trainer.max_steps: 6, trainer.eval_every: 3, trainer.batch_size: 4, "
+         "trainer.exact_match_items: 0}"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.skipif(
+    not PG_URL, reason="set LORA_SEARCH_TEST_PG to a PostgreSQL URL (.ci/run starts one)"))])
+def test_two_workers_share_one_study(backend, tmp_path, tiny_cache, make_cfg):
+    name = f"shared_{uuid.uuid4().hex[:8]}"
+    storage = [f"sweep.storage={PG_URL}"] if backend == "postgresql" else []
+    args = ["model=tiny_llama", f"cache_dir={tiny_cache}", f"results_dir={tmp_path}", "stage=search",
+            f"sweep.name={name}", "sweep.n_trials=4", "sweep.workers=2", *storage, *SMALL]
+    proc = subprocess.run([sys.executable, "-m", "lora_search", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    cfg = make_cfg(*[a for a in args if not a.startswith(("model=", "cache_dir=", "results_dir="))])
+    cfg.results_dir = str(tmp_path)
+    study = study_lib.open_study(cfg)
+    finished = study_lib.finished(study)
+    assert len(finished) >= 4  # concurrent workers may each finish one more as the target is reached
+    assert len({t.user_attrs["worker"] for t in finished}) == 2  # both workers ran trials
+    assert (tmp_path / name / "workers" / "worker1.log").exists()
+
+
+def test_a_dead_workers_trial_is_failed_and_retried(make_cfg):
+    cfg = make_cfg(*TINY_FAST[:2], *SMALL[2:], "stage=search", "sweep.n_trials=1", "sweep.heartbeat_s=1")
+    study = study_lib.open_study(cfg)
+    dead = study.ask()  # a worker took a trial...
+    study._storage.record_heartbeat(dead._trial_id)  # ...sent one heartbeat, and died
+    time.sleep(2.5)  # past the grace period (2 heartbeats)
+    from lora_search import pipeline
+
+    pipeline.run(cfg)
+    trials = study_lib.open_study(cfg).trials
+    assert trials[0].state == optuna.trial.TrialState.FAIL
+    retried = [t for t in trials[1:] if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == 0]
+    assert retried and retried[0].state == optuna.trial.TrialState.COMPLETE

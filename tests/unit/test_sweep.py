@@ -1,0 +1,173 @@
+"""The search: sampling and applying dotted keys, sweep checks, pruning, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import optuna
+import pytest
+
+from lora_search import pipeline, runs, study as study_lib, trial as space_lib
+from lora_search.errors import ConfigError
+from lora_search.pruning import PruningCallback, TrialStopped
+
+SMALL = ["data.train_per_task=24", "data.eval_per_task=6", "++sweep.trial={trainer.max_steps: 8, trainer.eval_every: 2, "
+         "trainer.batch_size: 4, trainer.exact_match_items: 4, trainer.max_new_tokens: 8}"]
+
+
+def test_apply_sets_dotted_keys_on_a_copy(make_cfg):
+    cfg = make_cfg()
+    new = space_lib.apply(cfg, {"lora.r": 32, "trainer.learning_rate": 1e-4, "lora.targets": "all_linear"})
+    assert (new.lora.r, new.trainer.learning_rate, new.lora.targets) == (32, 1e-4, "all_linear")
+    assert cfg.lora.r == 8  # the composed config is untouched
+
+
+def test_apply_names_a_bad_key_and_a_bad_type(make_cfg):
+    with pytest.raises(ConfigError) as info:
+        space_lib.apply(make_cfg(), {"lora.rank": 4, "trainer.max_steps": "many"})
+    text = " ".join(info.value.problems)
+    assert "unknown config key 'lora.rank'; did you mean lora.r?" in text and "trainer.max_steps='many'" in text
+
+
+def test_suggest_samples_every_distribution_type():
+    space = {"lora.r": {"type": "categorical", "choices": [4, 8]}, "lora.dropout": {"type": "float", "low": 0, "high": 0.1},
+             "trainer.max_steps": {"type": "int", "low": 2, "high": 9, "step": 1},
+             "trainer.learning_rate": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True}}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(10):
+        values = space_lib.suggest(study.ask(), space)
+        assert values["lora.r"] in (4, 8) and 0 <= values["lora.dropout"] <= 0.1
+        assert isinstance(values["trainer.max_steps"], int) and 1e-5 <= values["trainer.learning_rate"] <= 1e-2
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("++sweep.space={lora.rnak: {type: categorical, choices: [4, 8]}}", "unknown config key 'lora.rnak'; did you mean lora.r?"),
+        ("++sweep.space={trainer.batch_size: {type: int, low: 0, high: 8}}",
+         "sweep.space allows trainer.batch_size=0, which is invalid: trainer.batch_size must be a positive integer, got 0"),
+        ("++sweep.space={trainer.learning_rate: {type: float, low: 0, high: 1, log: true}}", "a log scale needs low > 0"),
+        ("++sweep.space={lora.targets: {type: categorical, choices: [qv, everything]}}", "lora.targets: unknown preset 'everything'"),
+        ("++sweep.space={lora.use_dora: {type: normal, mean: 8}}", "must be a distribution with type float, int or categorical; got 'normal'"),
+        ("sweep.sampler={type: bayes}", "sweep.sampler.type must be one of tpe, random, grid, cmaes; got 'bayes'"),
+        ("++sweep.pruner={type: median, patience: 3}", "sweep.pruner (median):"),
+        ("sweep.sampler=grid", "grid needs categorical entries"),
+        ("sweep.metric=accuracy", "sweep.metric must be one of eval_loss, perplexity, exact_match"),
+        ("++sweep.trial={trainer.max_stepz: 4}", "sweep.trial: unknown config key 'trainer.max_stepz'"),
+    ],
+)
+def test_bad_sweep_fails_before_any_training(make_cfg, monkeypatch, override, expected):
+    monkeypatch.setattr(runs, "start_worker", lambda *a, **k: pytest.fail("a model was loaded"))
+    cfg = make_cfg(override, "stage=search")
+    with pytest.raises(ConfigError) as info:
+        pipeline.run(cfg)
+    assert any(expected in p for p in info.value.problems), info.value.problems
+
+
+def test_every_pruner_and_sampler_builds(make_cfg):
+    for pruner in ("median", "successive_halving", "hyperband", "none"):
+        assert study_lib.make_pruner(make_cfg(f"sweep.pruner={pruner}")) is not None
+    for sampler in ("tpe", "random", "cmaes"):
+        assert study_lib.make_sampler(make_cfg(f"sweep.sampler={sampler}")) is not None
+
+
+def test_shipped_sweeps_are_valid(make_cfg):
+    from lora_search.compose import group_choices
+
+    assert {"rank_lr", "targets", "lr_only"} <= set(group_choices("sweep"))
+    for name in group_choices("sweep"):
+        cfg = make_cfg(f"sweep={name}")
+        assert cfg.sweep.name == name
+        pipeline.preflight_sweep(cfg)
+
+
+def test_pruning_callback_stops_on_nan_and_reports_in_the_study_direction():
+    study = optuna.create_study(direction="maximize")
+    trial = study.ask()
+    cb = PruningCallback(trial, maximize=True)
+
+    class State:
+        global_step = 3
+
+    cb.on_evaluate(None, State(), None, metrics={"eval_loss": 2.0})
+    assert study.trials[0].intermediate_values == {3: -2.0}
+    with pytest.raises(TrialStopped, match="diverged: training loss nan at step 3"):
+        cb.on_log(None, State(), None, logs={"loss": math.nan})
+
+
+def _trials_dir(cfg):
+    return study_lib.study_dir(cfg) / "trials"
+
+
+def test_search_prunes_an_absurd_learning_rate_and_records_every_trial(make_cfg):
+    cfg = make_cfg(*SMALL, "stage=search", "sweep.n_trials=3", "++sweep.pruner={type: median, n_startup_trials: 1, n_warmup_steps: 0}",
+                   "sweep.enqueue=[{trainer.learning_rate: 0.003}, {trainer.learning_rate: 1e30}]")
+    pipeline.run(cfg)
+    study = study_lib.open_study(cfg)
+    states = [t.state for t in study.trials]
+    assert len(study.trials) == 3 and states[1] == optuna.trial.TrialState.PRUNED
+    assert states[0] == optuna.trial.TrialState.COMPLETE
+    absurd = study.trials[1]
+    assert absurd.user_attrs["status"] == "pruned" and absurd.params["trainer.learning_rate"] == 1e30
+    status = json.loads((_trials_dir(cfg) / "0001" / "status.json").read_text())
+    assert status["status"] == "pruned" and ("diverged" in status["reason"] or "pruned by the pruner" in status["reason"])
+    metrics = json.loads((_trials_dir(cfg) / "0001" / "metrics.json").read_text())
+    assert metrics["pruned_at_step"] < 8  # stopped before its budget
+    done = json.loads((_trials_dir(cfg) / "0000" / "metrics.json").read_text())
+    assert done["intermediate"] and done["steps"] == 8
+    for key in ("eval_loss", "exact_match", "train_tokens_per_s", "peak_memory_mb", "trainable_params", "wall_s"):
+        assert done[key] is not None and study.trials[0].user_attrs[key] is not None
+    params = json.loads((_trials_dir(cfg) / "0000" / "params.json").read_text())
+    assert set(params) == set(cfg.sweep.space)
+    assert (_trials_dir(cfg) / "0000" / "config.yaml").exists()
+
+
+def test_resume_keeps_finished_trials_and_does_not_train_again(make_cfg, monkeypatch):
+    cfg = make_cfg(*SMALL, "stage=search", "sweep.n_trials=2")
+    pipeline.run(cfg)
+    assert len(study_lib.finished(study_lib.open_study(cfg))) == 2
+    monkeypatch.setattr(runs, "start_worker", lambda *a, **k: pytest.fail("a finished sweep loaded a model"))
+    pipeline.run(cfg)  # same command again: nothing to do
+    assert len(study_lib.open_study(cfg).trials) == 2
+    monkeypatch.undo()
+    more = make_cfg(*SMALL, "stage=search", "sweep.n_trials=3")
+    pipeline.run(more)
+    trials = study_lib.open_study(more).trials
+    assert len(trials) == 3 and [t.number for t in trials] == [0, 1, 2]
+
+
+def test_full_pipeline_promotes_merges_benchmarks_and_reports(make_cfg, caplog):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, pipeline as hf_pipeline
+
+    cfg = make_cfg(*SMALL, "sweep.n_trials=2", "++sweep.promotion={trainer.max_steps: 12, trainer.eval_every: 0}",
+                   "benchmark.latency_prompts=2", "benchmark.repeats=1", "benchmark.max_new_tokens=4")
+    pipeline.run(cfg)
+    out = study_lib.study_dir(cfg)
+    best = json.loads((out / "best.json").read_text())
+    assert (out / "best.yaml").exists() and best["trial"] in (0, 1)
+    full = json.loads((out / "full" / "metrics.json").read_text())
+    assert full["steps"] == 12 and full["trial_value"] == best["value"] and full["full_value"] is not None
+    merged = out / "full" / "merged"
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    assert not any("lora" in n for n, _ in model.named_modules())
+    assert hf_pipeline("text-generation", model=str(merged))("Hello", max_new_tokens=2)[0]["generated_text"]
+    base = AutoModelForCausalLM.from_pretrained(json.loads((out / "full" / "adapter" / "adapter_config.json")
+                                                           .read_text())["base_model_name_or_path"])
+    assert isinstance(PeftModel.from_pretrained(base, out / "full" / "adapter"), PeftModel)
+    bench = json.loads((out / "benchmark.json").read_text())
+    assert {"base", "tuned"} <= set(bench) and bench["tuned"]["eval_loss"] < bench["base"]["eval_loss"]
+    report = (out / "report.md").read_text()
+    assert "## Promotion" in report and "## Benchmark" in report and "## Best trial" in report
+
+    # A second run resumes: nothing trains, merges or benchmarks again.
+    stamps = {p: p.stat().st_mtime for p in (out / "full" / "metrics.json", out / "merge.json", out / "benchmark.json")}
+    from lora_search import runs as runs_mod
+
+    import pytest as _pytest
+
+    with _pytest.MonkeyPatch.context() as mp:
+        mp.setattr(runs_mod, "start_worker", lambda *a, **k: _pytest.fail("loaded a model on resume"))
+        pipeline.run(cfg)
+    assert all(p.stat().st_mtime == t for p, t in stamps.items())
