@@ -22,6 +22,9 @@ def _quiet_libraries() -> None:
     import warnings
 
     warnings.filterwarnings("ignore", message=".*kernels.*")
+    import optuna
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     import datasets
 

@@ -106,8 +106,8 @@ def attach(model: torch.nn.Module, lora: LoraSpec, model_cfg: ModelConfig):
 def detach(peft_model) -> torch.nn.Module:
     """Remove the adapter layers, returning the base model exactly as it was."""
     base = peft_model.unload()
-    if getattr(base, "is_gradient_checkpointing", False):
-        base.gradient_checkpointing_disable()
+    if getattr(base, "is_activation_checkpointing", False):
+        base.activation_checkpointing_disable()
     for attr in ("peft_config", "_hf_peft_config_loaded"):
         base.__dict__.pop(attr, None)
     return base

@@ -122,9 +122,9 @@ class TrackingConfig:
 @dataclass
 class BenchmarkConfig:
     name: str = "default"
-    latency_prompts: int = 8  # prompts timed for generation latency
+    latency_prompts: int = 4  # prompts timed for generation latency
     max_new_tokens: int = 32
-    repeats: int = 2
+    repeats: int = 1
     int8_dynamic: bool = True  # on CPU, also measure a dynamically INT8-quantized merged copy
 
 
@@ -159,6 +159,7 @@ class RunConfig:
     sweep: SweepConfig = field(default_factory=SweepConfig)
     stage: str = "all"  # all (search, promote, merge, benchmark, report) | one of them | train
     force: bool = False  # re-run finished stages after the search (promotion, merge, benchmark)
+    worker: int = 0  # this process's index among a study's workers (Hydra multirun: worker=range(8))
     run_name: Optional[str] = None  # results/runs/<run_name>; default <model>-<lora>-<time>
     results_dir: str = "results"
     cache_dir: Optional[str] = None  # converted models; default $LORA_SEARCH_CACHE or ~/.cache/lora_search

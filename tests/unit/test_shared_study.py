@@ -15,6 +15,7 @@ import pytest
 from lora_search import study as study_lib
 from tests.conftest import TINY_FAST
 
+pytestmark = pytest.mark.slow  # worker subprocesses: minutes on 2 cores
 REPO = Path(__file__).resolve().parents[2]
 PG_URL = os.environ.get("LORA_SEARCH_TEST_PG")
 SMALL = ["data.train_per_task=24", "data.eval_per_task=6",

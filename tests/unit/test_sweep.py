@@ -137,6 +137,7 @@ def test_resume_keeps_finished_trials_and_does_not_train_again(make_cfg, monkeyp
     assert len(trials) == 3 and [t.number for t in trials] == [0, 1, 2]
 
 
+@pytest.mark.slow  # search, promotion, merge and benchmark in one go
 def test_full_pipeline_promotes_merges_benchmarks_and_reports(make_cfg, caplog):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, pipeline as hf_pipeline
