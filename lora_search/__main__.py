@@ -1,4 +1,10 @@
-"""`python -m lora_search [overrides]`: Hydra composes the run, the chosen stage runs.
+"""`python -m lora_search [command] [overrides]`: Hydra composes the run, the chosen stage runs.
+
+Commands (first argument, optional):
+  (none)      the sweep: search -> promote -> merge -> benchmark -> report (or `stage=...`)
+  report      regenerate results/<study>/report.md, its plots and report.html from the storage
+  dashboard   serve optuna-dashboard for the study's storage (127.0.0.1 unless dashboard.host is set)
+  compare     a table of several studies or nights side by side: `compare rank_lr targets`
 
 Overrides are checked against the config groups and the schema before Hydra composes, and
 every config problem is reported as one line (no traceback) with exit code 2.
@@ -14,6 +20,7 @@ from lora_search.errors import LoraSearchError
 
 log = logging.getLogger("lora_search")
 EXIT_USAGE = 2
+COMMANDS = ("report", "dashboard", "compare")
 
 
 def _quiet_libraries() -> None:
@@ -64,14 +71,38 @@ def _task(cfg) -> None:
         sys.exit(EXIT_USAGE)
 
 
+def _command(name: str, args: list[str]) -> None:
+    from lora_search import compose
+
+    if name == "report":
+        main([*args, "stage=report"])
+    elif name == "dashboard":
+        from lora_search import dashboard
+
+        compose.check_overrides(args)
+        dashboard.serve(compose.load_config(args))
+    elif name == "compare":
+        from lora_search import compare
+
+        print(compare.main(args))
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: check overrides, then hand over to hydra.main."""
+    """Entry point: a command, or check overrides and hand over to hydra.main."""
     import hydra
 
     from lora_search import compose
 
     argv = sys.argv[1:] if argv is None else argv
     _quiet_libraries()
+    if argv and argv[0] in COMMANDS:
+        logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+        try:
+            _command(argv[0], argv[1:])
+        except LoraSearchError as e:
+            report(e)
+            sys.exit(EXIT_USAGE)
+        return
     try:
         compose.check_overrides(argv)
     except LoraSearchError as e:

@@ -129,6 +129,15 @@ class BenchmarkConfig:
 
 
 @dataclass
+class NightlyConfig:
+    enabled: bool = False  # a nightly job: resume the study, add trials, promote only a better champion
+    trials_per_night: int = 6  # finished trials each night adds to the persistent study
+    seed_top_k: int = 2  # re-run the k best earlier configurations first (enqueued) each night
+    margin: float = 0.01  # a candidate must beat the champion's full-run metric by this fraction
+    night: Optional[str] = None  # the night's label (results/<study>/nights/<night>/); default today's date
+
+
+@dataclass
 class SweepConfig:
     name: str = "rank_lr"  # study name (results/<name>/); the sweep file's name unless set
     n_trials: int = 8  # finished (complete or pruned) trials the study needs, across all runs and workers
@@ -145,6 +154,13 @@ class SweepConfig:
     storage: Optional[str] = None  # an Optuna storage URL; default sqlite:///results/<name>/study.db
     workers: int = 1  # worker processes on this machine (one per GPU: CUDA_VISIBLE_DEVICES is split)
     heartbeat_s: int = 60  # a worker silent for 2x this is dead: its trial is failed and retried once
+    nightly: NightlyConfig = field(default_factory=NightlyConfig)
+
+
+@dataclass
+class DashboardConfig:
+    host: str = "127.0.0.1"  # optuna-dashboard has no authentication: bind elsewhere only on a trusted network
+    port: int = 8080
 
 
 @dataclass
@@ -157,6 +173,7 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     stage: str = "all"  # all (search, promote, merge, benchmark, report) | one of them | train
     force: bool = False  # re-run finished stages after the search (promotion, merge, benchmark)
     worker: int = 0  # this process's index among a study's workers (Hydra multirun: worker=range(8))
