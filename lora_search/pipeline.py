@@ -9,7 +9,7 @@ import importlib
 import logging
 import time
 
-from lora_search import adapters, models, records, report, runs
+from lora_search import adapters, models, records, report, runs, tracking
 from lora_search import trial as space_lib
 from lora_search.promote import config_id, load_best, promote_stage
 from lora_search.schema import RunConfig
@@ -85,10 +85,16 @@ def run(cfg: RunConfig, overrides: list[str] = ()) -> None:
             log.info("%s already done for this promoted run: skipped", name)
             continue
         log.info("%s ...", name)
-        fn(full_cfg, out, workers.task_data())
+        result = fn(full_cfg, out, workers.task_data())
+        if name == "benchmark":
+            tracking.log_benchmark(full_cfg, out, result)
         _mark_done(out, name, cid)
     if "report" in stages:
         path = report.write_report(study, cfg, out)
+        from lora_search import plots
+
+        pngs = {p.stem: p for p in sorted((out / "plots").glob("*.png"))}
+        tracking.log_sweep_summary(cfg, out, plots.summary(study, cfg.sweep.metric), plots.importances(study), pngs)
         summarize(study, cfg, out)
         log.info("report: %s (%.1f min in all)", path, (time.perf_counter() - t0) / 60)
 

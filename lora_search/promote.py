@@ -10,7 +10,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lora_search import compose, records, trial as space_lib
+from lora_search import compose, records, tracking, trial as space_lib
 from lora_search.errors import ConfigError
 from lora_search.schema import RunConfig
 from lora_search.train import train_adapter
@@ -60,15 +60,22 @@ def promote_stage(cfg: RunConfig, study, get_worker, force: bool = False) -> dic
     log.info("promoting trial #%d (%s %.4f) to a full run of %d steps", best.number, cfg.sweep.metric, best.value,
              full_cfg.trainer.max_steps)
     records.write_status(out / "full", "running", trial=best.number)
+    run = tracking.start(full_cfg, out, f"full-trial-{best.number:04d}", "full",
+                         {"params": best.user_attrs.get("params") or best.params, "trial": best.number})
     try:
-        metrics = train_adapter(get_worker(), full_cfg, out / "full", with_baseline=False)
+        metrics = train_adapter(get_worker(), full_cfg, out / "full", callbacks=[tracking.StepLogger(run)],
+                                with_baseline=False)
     except BaseException as e:
-        records.write_status(out / "full", "failed", f"{type(e).__name__}: {e}", trial=best.number)
+        reason = f"{type(e).__name__}: {e}"
+        records.write_status(out / "full", "failed", reason, trial=best.number)
+        tracking.finish(run, {"status": "failed"}, tags=["failed", reason], exit_code=1)
         raise
     metrics.update({"config_id": cid, "trial": best.number, "trial_value": best.value,
                     "trial_metric": cfg.sweep.metric, "full_value": metrics.get(cfg.sweep.metric)})
     records.write_config(out / "full" / "config.yaml", full_cfg)
     records.write_json(out / "full" / "metrics.json", metrics)
     records.write_status(out / "full", "complete", trial=best.number)
+    tracking.log_dir_artifact(run, out / "full" / "adapter", f"{cfg.sweep.name}-adapter", "model", metrics)
+    tracking.finish(run, {**metrics, "status": "complete"}, tags=["complete"])
     log.info("full run: %s %.4f (trial: %.4f)", cfg.sweep.metric, metrics["full_value"], best.value)
     return metrics

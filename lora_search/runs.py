@@ -8,7 +8,7 @@ import logging
 import time
 from pathlib import Path
 
-from lora_search import adapters, models, records
+from lora_search import adapters, models, records, tracking
 from lora_search.data import load_task_data
 from lora_search.schema import RunConfig
 from lora_search.train import Worker, train_adapter
@@ -44,22 +44,6 @@ def run_name(cfg: RunConfig) -> str:
     return f"{cfg.model.name}-{cfg.lora.name}{quant}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def report_to(cfg: RunConfig, run_dir: Path) -> list[str]:
-    """Trainer integrations: wandb (offline under the run folder unless online) or none."""
-    if cfg.tracking.backend != "wandb" or cfg.tracking.mode == "disabled":
-        return []
-    import os
-
-    os.environ.setdefault("WANDB_PROJECT", cfg.tracking.project)
-    if cfg.tracking.entity:
-        os.environ.setdefault("WANDB_ENTITY", cfg.tracking.entity)
-    online = cfg.tracking.mode == "online" or bool(os.environ.get("WANDB_API_KEY"))
-    os.environ["WANDB_MODE"] = "online" if online else "offline"
-    os.environ["WANDB_DIR"] = str(run_dir)
-    os.environ.setdefault("WANDB_SILENT", "true")
-    return ["wandb"]
-
-
 def train_stage(cfg: RunConfig) -> Path:
     """Train one adapter on the configured model and data; return the run folder."""
     t0 = time.perf_counter()
@@ -67,17 +51,21 @@ def train_stage(cfg: RunConfig) -> Path:
     run_dir = Path(cfg.results_dir) / "runs" / run_name(cfg)
     records.write_config(run_dir / "config.yaml", cfg)
     records.write_status(run_dir, "running")
+    run = tracking.start(cfg, run_dir, run_dir.name, "train", group="train")
     try:
         worker = start_worker(cfg, data)
-        metrics = train_adapter(worker, cfg, run_dir, report_to=report_to(cfg, run_dir))
+        metrics = train_adapter(worker, cfg, run_dir, callbacks=[tracking.StepLogger(run)])
     except BaseException as e:
         records.write_status(run_dir, "failed", reason=f"{type(e).__name__}: {e}")
+        tracking.finish(run, {"status": "failed"}, tags=["failed", f"{type(e).__name__}: {e}"], exit_code=1)
         raise
     metrics["load_s"] = worker.base.load_s
     metrics["wall_s"] = time.perf_counter() - t0
     metrics["data_fingerprint"] = data.fingerprint
     records.write_json(run_dir / "metrics.json", metrics)
     records.write_status(run_dir, "complete")
+    tracking.log_dir_artifact(run, run_dir / "adapter", f"adapter-{run_dir.name}", "model", metrics)
+    tracking.finish(run, {**metrics, "status": "complete"}, tags=["complete"])
     em = metrics.get("exact_match")
     base_em = metrics.get("base_exact_match")
     log.info("eval loss %.4f (base %.4f)%s; %.0f train tokens/s; %.1f s in all",

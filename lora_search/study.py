@@ -11,8 +11,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from lora_search import records, trial as space_lib
-from lora_search import launch
+from lora_search import launch, records, tracking, trial as space_lib
 from lora_search.launch import worker_id
 from lora_search.errors import ConfigError, LoraSearchError
 from lora_search.pruning import PruningCallback, TrialStopped
@@ -145,6 +144,17 @@ def _record(out: Path, number: int, params: dict, cfg: RunConfig, metrics: dict,
     records.write_status(out, status, reason, trial=number)
 
 
+def _set_attrs(trial: optuna.Trial, metrics: dict, status: str, reason: str | None) -> None:
+    keep = ("eval_loss", "perplexity", "exact_match", "train_tokens_per_s", "peak_memory_mb",
+            "trainable_params", "wall_s", "steps")
+    for key in keep:
+        if key in metrics:
+            trial.set_user_attr(key, metrics[key])
+    trial.set_user_attr("status", status)
+    if reason:
+        trial.set_user_attr("reason", reason)
+
+
 def objective_fn(cfg: RunConfig, worker: Worker):
     """The Optuna objective: sample, apply, train with pruning, record, return the metric."""
     base_cfg = space_lib.apply(cfg, dict(cfg.sweep.trial))
@@ -158,36 +168,30 @@ def objective_fn(cfg: RunConfig, worker: Worker):
         trial.set_user_attr("params", params)
         trial.set_user_attr("worker", worker_id())
         callback = PruningCallback(trial, "eval_loss", maximize=maximize)
+        run = tracking.start(trial_cfg, study_dir(cfg), f"trial-{trial.number:04d}", "trial",
+                             {"params": params, "trial": trial.number, "worker": worker_id()})
+        status, reason, metrics = "failed", "interrupted before the trial finished", {}
         try:
             validate(trial_cfg)
-            metrics = train_adapter(worker, trial_cfg, out, callbacks=[callback], with_baseline=False, save=False)
+            metrics = train_adapter(worker, trial_cfg, out, callbacks=[callback, tracking.StepLogger(run)],
+                                    with_baseline=False, save=False)
+            value = metrics.get(cfg.sweep.metric)
+            status = "complete" if space_lib.finite(value) else "failed"
+            reason = None if status == "complete" else f"{cfg.sweep.metric} is {value!r}"
         except TrialStopped as stop:
             metrics = {"wall_s": time.perf_counter() - t0, "pruned_at_step": stop.step}
-            _record(out, trial.number, params, trial_cfg, metrics, "pruned", stop.reason, callback)
-            trial.set_user_attr("status", "pruned")
-            trial.set_user_attr("reason", stop.reason)
-            trial.set_user_attr("wall_s", metrics["wall_s"])
+            status, reason = "pruned", stop.reason
             raise
         except Exception as e:
+            metrics = {"wall_s": time.perf_counter() - t0}
             reason = f"{type(e).__name__}: {e}"
-            _record(out, trial.number, params, trial_cfg, {"wall_s": time.perf_counter() - t0}, "failed", reason,
-                    callback)
-            trial.set_user_attr("status", "failed")
-            trial.set_user_attr("reason", reason)
             raise
-        value = metrics.get(cfg.sweep.metric)
-        status, reason = "complete", None
-        if not space_lib.finite(value):
-            status, reason = "failed", f"{cfg.sweep.metric} is {value!r}"
-        _record(out, trial.number, params, trial_cfg, metrics, status, reason, callback)
-        keep = ("eval_loss", "perplexity", "exact_match", "train_tokens_per_s", "peak_memory_mb",
-                "trainable_params", "wall_s", "steps")
-        for key in keep:
-            if key in metrics:
-                trial.set_user_attr(key, metrics[key])
-        trial.set_user_attr("status", status)
+        finally:
+            _record(out, trial.number, params, trial_cfg, metrics, status, reason, callback)
+            _set_attrs(trial, metrics, status, reason)
+            tracking.finish(run, {**metrics, "status": status, "reason": reason or ""}, tags=[status, reason],
+                            exit_code=0 if status != "failed" else 1)
         if reason:
-            trial.set_user_attr("reason", reason)
             raise RuntimeError(reason)
         return float(value)
 

@@ -31,8 +31,8 @@ def make_cfg(tmp_path, tiny_cache):
     """Compose a config for the tiny model with extra overrides, results under tmp_path."""
     from lora_search.compose import load_config
 
-    def make(*overrides, model="tiny_llama"):
-        base = [f"model={model}", f"results_dir={tmp_path / 'results'}"]
+    def make(*overrides, model="tiny_llama", tracking="none"):
+        base = [f"model={model}", f"results_dir={tmp_path / 'results'}", f"tracking={tracking}"]
         if model == "tiny_llama":
             base.append(f"cache_dir={tiny_cache}")
         return load_config(base + list(overrides))
@@ -56,3 +56,70 @@ TINY_FAST = [
 def tiny_overrides():
     """Overrides that make a tiny-model run take a second or two."""
     return list(TINY_FAST)
+
+
+def _wandb_records(path):
+    """The protobuf records of an offline run's .wandb file (W&B's LevelDB-style log: 32 KiB blocks)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data, pos, chunks = path.read_bytes(), 7, b""  # 7: the ':W&B' file header, magic and version
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    while pos + 7 <= len(data):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
+        if kind == 0:
+            break
+        chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        chunks = chunk if kind in (1, 2) else chunks + chunk
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            record = pb.Record()
+            record.ParseFromString(chunks)
+            yield record
+
+
+def read_wandb_runs(folder):
+    """Every offline run under folder/wandb/: name, group, job type, tags, config, history rows, summary, artifacts."""
+    import json
+    from pathlib import Path
+
+    runs = {}
+    for path in sorted(Path(folder).glob("wandb/offline-run-*/run-*.wandb")):
+        run = {"history": [], "summary": {}, "config": {}, "artifacts": [], "tags": []}
+        for r in _wandb_records(path):
+            kind = r.WhichOneof("record_type")
+            if kind == "run":
+                run.update(name=r.run.display_name, group=r.run.run_group, job_type=r.run.job_type,
+                           tags=list(r.run.tags))
+                run["config"].update({i.key: json.loads(i.value_json) for i in r.run.config.update})
+            elif kind == "config":
+                run["config"].update({i.key: json.loads(i.value_json) for i in r.config.update})
+            elif kind == "history":
+                run["history"].append({(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
+                                       for i in r.history.item})
+            elif kind == "summary":
+                run["summary"].update({(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
+                                       for i in r.summary.update})
+            elif kind == "artifact":
+                run["artifacts"].append({"name": r.artifact.name, "type": r.artifact.type})
+            elif kind == "exit":
+                run["exit_code"] = r.exit.exit_code
+        runs.setdefault(run.get("name"), []).append(run)
+    return {name: found[-1] for name, found in runs.items()}
+
+
+@pytest.fixture
+def wandb_runs():
+    """Read back the offline W&B runs written under a folder."""
+    return read_wandb_runs
+
+
+@pytest.fixture(autouse=True)
+def _tracking_fresh():
+    """A W&B failure switches tracking off for the process: give every test a fresh start."""
+    from lora_search import tracking
+
+    tracking._broken.clear()
+    yield
+    tracking._broken.clear()

@@ -138,12 +138,12 @@ def test_resume_keeps_finished_trials_and_does_not_train_again(make_cfg, monkeyp
 
 
 @pytest.mark.slow  # search, promotion, merge and benchmark in one go
-def test_full_pipeline_promotes_merges_benchmarks_and_reports(make_cfg, caplog):
+def test_full_pipeline_promotes_merges_benchmarks_and_reports(make_cfg, caplog, wandb_runs):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, pipeline as hf_pipeline
 
     cfg = make_cfg(*SMALL, "sweep.n_trials=2", "++sweep.promotion={trainer.max_steps: 12, trainer.eval_every: 0}",
-                   "benchmark.latency_prompts=2", "benchmark.repeats=1", "benchmark.max_new_tokens=4")
+                   "benchmark.latency_prompts=2", "benchmark.repeats=1", "benchmark.max_new_tokens=4", tracking="wandb")
     pipeline.run(cfg)
     out = study_lib.study_dir(cfg)
     best = json.loads((out / "best.json").read_text())
@@ -161,6 +161,19 @@ def test_full_pipeline_promotes_merges_benchmarks_and_reports(make_cfg, caplog):
     assert {"base", "tuned"} <= set(bench) and bench["tuned"]["eval_loss"] < bench["base"]["eval_loss"]
     report = (out / "report.md").read_text()
     assert "## Promotion" in report and "## Benchmark" in report and "## Best trial" in report
+
+    # W&B (offline): a run per trial, the full run with its adapter, the benchmark, the sweep summary.
+    runs = wandb_runs(out)
+    assert {"trial-0000", "trial-0001", f"full-trial-{best['trial']:04d}", "benchmark-rank_lr",
+            "summary-rank_lr"} <= set(runs)
+    assert {r["group"] for r in runs.values()} == {"rank_lr"}
+    full_run = runs[f"full-trial-{best['trial']:04d}"]
+    assert full_run["job_type"] == "full" and {"name": "rank_lr-adapter", "type": "model"} in full_run["artifacts"]
+    assert full_run["summary"]["eval_loss"] == pytest.approx(full["eval_loss"])
+    assert runs["benchmark-rank_lr"]["summary"]["tuned/eval_loss"] == pytest.approx(bench["tuned"]["eval_loss"])
+    summary = runs["summary-rank_lr"]
+    assert summary["job_type"] == "summary" and summary["config"]["best_params"] == best["params"]
+    assert summary["summary"]["best_value"] == pytest.approx(best["value"])
 
     # A second run resumes: nothing trains, merges or benchmarks again.
     stamps = {p: p.stat().st_mtime for p in (out / "full" / "metrics.json", out / "merge.json", out / "benchmark.json")}

@@ -1,0 +1,184 @@
+"""Weights & Biases: one run per trial (grouped by study, job type `trial`), one for the full
+training run (adapter as an artifact), one for the benchmark and one sweep summary.
+
+Offline by default, under results/<study>/wandb/ (`wandb sync` uploads them later); online when
+WANDB_API_KEY is set or tracking.mode=online. Tracking never fails a trial: the first W&B error
+is logged once as a warning, and from then on this process stops calling W&B.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import os
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from lora_search import records
+from lora_search.schema import RunConfig
+
+log = logging.getLogger(__name__)
+_broken: list[str] = []  # the first failure, once W&B has failed in this process
+TAG_MAX = 64  # W&B rejects longer tags
+
+
+def _safe(fn):
+    """Call fn; on any error warn once, disable tracking for the process and return None."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if _broken:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - tracking must never fail a trial
+            _broken.append(f"{type(e).__name__}: {e}")
+            log.warning("W&B tracking failed and is off for the rest of this run (%s: %s); the sweep goes on",
+                        type(e).__name__, e)
+            return None
+    return wrapper
+
+
+def enabled(cfg: RunConfig) -> bool:
+    """True when runs should be written (backend wandb, mode not disabled, no earlier failure)."""
+    return cfg.tracking.backend == "wandb" and cfg.tracking.mode != "disabled" and not _broken
+
+
+def mode(cfg: RunConfig) -> str:
+    """online when tracking.mode=online or WANDB_API_KEY is set, else offline."""
+    return "online" if cfg.tracking.mode == "online" or os.environ.get("WANDB_API_KEY") else "offline"
+
+
+def _tags(tags) -> list[str]:
+    return [str(t)[:TAG_MAX] for t in tags if t]
+
+
+def _scalars(metrics: dict, prefix: str = "") -> dict:
+    """Flatten a metrics dict to the finite numbers and short strings W&B charts."""
+    out = {}
+    for key, value in metrics.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_scalars(value, name + "/"))
+        elif isinstance(value, bool) or value is None:
+            continue
+        elif isinstance(value, (int, float)):
+            if math.isfinite(value):
+                out[name] = value
+        elif isinstance(value, str) and len(value) < 200:
+            out[name] = value
+    return out
+
+
+@_safe
+def start(cfg: RunConfig, run_dir: Path, name: str, job_type: str, config: dict | None = None, tags=(),
+          group: str | None = None):
+    """Start a run (or return None when tracking is off); its files go under run_dir/wandb/."""
+    if not enabled(cfg):
+        return None
+    import wandb
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    full = {**records.config_dict(cfg), **(config or {})}  # secrets masked by records.config_dict
+    return wandb.init(
+        project=cfg.tracking.project, entity=cfg.tracking.entity, dir=str(run_dir), name=name,
+        group=group or cfg.sweep.name, job_type=job_type, config=full, tags=_tags([*cfg.tracking.tags, *tags]),
+        mode=mode(cfg), reinit="create_new",
+        settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, disable_git=True,
+                                save_code=False),
+    )
+
+
+@_safe
+def log_metrics(run, metrics: dict, step: int | None = None) -> None:
+    """Log numbers at a step."""
+    if run is not None:
+        run.log(_scalars(metrics), step=step)
+
+
+@_safe
+def finish(run, summary: dict | None = None, tags=(), exit_code: int = 0) -> None:
+    """Write the final summary, add tags (status, reason) and close the run."""
+    if run is None:
+        return
+    run.summary.update(_scalars(summary or {}))
+    if tags:
+        run.tags = tuple(dict.fromkeys([*run.tags, *_tags(tags)]))
+    run.finish(exit_code=exit_code)
+
+
+@_safe
+def log_dir_artifact(run, path: Path, name: str, kind: str, metadata: dict | None = None) -> None:
+    """Log a folder (an adapter) as an artifact."""
+    if run is None or not Path(path).exists():
+        return
+    import wandb
+
+    art = wandb.Artifact(name, type=kind, metadata=_scalars(metadata or {}))
+    art.add_dir(str(path))
+    run.log_artifact(art)
+
+
+@_safe
+def log_table(run, key: str, columns: list[str], rows: list[list]) -> None:
+    """Log a table (importances, benchmark side by side)."""
+    if run is None:
+        return
+    import wandb
+
+    run.log({key: wandb.Table(columns=columns, data=[[_plain(c) for c in r] for r in rows])})
+
+
+@_safe
+def log_images(run, images: dict) -> None:
+    """Log PNG files (the report's plots) as images."""
+    if run is None:
+        return
+    import wandb
+
+    run.log({f"plots/{k}": wandb.Image(str(p)) for k, p in images.items() if Path(p).exists()})
+
+
+def _plain(value):
+    if value is None or isinstance(value, (int, float, str, bool)):
+        return value
+    return str(value)
+
+
+class StepLogger(TrainerCallback):
+    """Send the trainer's logs (loss, learning rate, eval loss) to a run, keyed by optimizer step."""
+
+    def __init__(self, run):
+        self.run = run
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.run is not None and logs:
+            named = {(f"eval/{k[5:]}" if k.startswith("eval_") else f"train/{k}"): v for k, v in logs.items()}
+            log_metrics(self.run, named, step=state.global_step)
+
+
+BENCH_FIELDS = ("eval_loss", "perplexity", "exact_match", "latency_p50_s", "latency_p95_s", "tokens_per_s",
+                "peak_memory_mb", "size_mb")
+
+
+def log_benchmark(cfg: RunConfig, out: Path, bench: dict) -> None:
+    """One run (job type `benchmark`): every model's numbers in the summary and a side-by-side table."""
+    run = start(cfg, out, f"benchmark-{cfg.sweep.name}", "benchmark")
+    names = [n for n in ("base", "tuned", "adapter", "int8_dynamic") if isinstance(bench.get(n), dict)]
+    rows = [[field, *[bench[n].get(field) for n in names]] for field in BENCH_FIELDS
+            if any(bench[n].get(field) is not None for n in names)]
+    log_table(run, "benchmark", ["metric", *names], rows)
+    finish(run, {n: bench[n] for n in names})
+
+
+def log_sweep_summary(cfg: RunConfig, out: Path, summary: dict, importances: dict, plots: dict) -> None:
+    """One run (job type `summary`): best params and value, the importance table, the report's plots."""
+    run = start(cfg, out, f"summary-{cfg.sweep.name}", "summary",
+                {"best_params": summary.get("best_params") or {}})
+    log_table(run, "importance", ["param", "importance"], [[k, v] for k, v in importances.items()])
+    log_images(run, plots)
+    finish(run, {**{k: v for k, v in summary.items() if k != "best_params"},
+                 **{f"best_params/{k}": v for k, v in (summary.get("best_params") or {}).items()},
+                 **{f"importance/{k}": v for k, v in importances.items()}})

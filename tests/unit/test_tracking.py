@@ -1,0 +1,100 @@
+"""W&B tracking: one offline run per trial, read back from its files; a W&B failure never fails a trial."""
+
+from __future__ import annotations
+
+import logging
+
+import optuna
+import pytest
+
+from lora_search import pipeline, study as study_lib, tracking
+
+SMALL = ["data.train_per_task=24", "data.eval_per_task=6", "++sweep.trial={trainer.max_steps: 8, trainer.eval_every: 2, "
+         "trainer.batch_size: 4, trainer.exact_match_items: 4, trainer.max_new_tokens: 8, trainer.logging_steps: 1}"]
+TWO_TRIALS = [*SMALL, "stage=search", "sweep.n_trials=2",
+              "++sweep.pruner={type: median, n_startup_trials: 1, n_warmup_steps: 0}",
+              "sweep.enqueue=[{trainer.learning_rate: 0.003}, {trainer.learning_rate: 1e30}]"]
+
+
+def test_each_trial_is_one_offline_run_with_config_steps_summary_and_tags(make_cfg, wandb_runs, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cfg = make_cfg(*TWO_TRIALS, tracking="wandb")
+    pipeline.run(cfg)
+    study = study_lib.open_study(cfg)
+    runs = wandb_runs(study_lib.study_dir(cfg))  # offline, under results/<study>/wandb/
+    assert set(runs) == {"trial-0000", "trial-0001"}
+
+    done = runs["trial-0000"]
+    assert (done["group"], done["job_type"]) == ("rank_lr", "trial")
+    params = study.trials[0].user_attrs["params"]
+    assert done["config"]["params"] == params and done["config"]["trial"] == 0
+    assert done["config"]["lora"]["r"] == params["lora.r"]  # the resolved config, with the sampled values applied
+    assert done["config"]["trainer"]["learning_rate"] == 0.003 and done["config"]["trainer"]["max_steps"] == 8
+    steps = [row["_step"] for row in done["history"] if "train/loss" in row]
+    assert steps == sorted(steps) and len(steps) >= 4  # the loss over optimizer steps
+    assert any("eval/loss" in row for row in done["history"])  # the pruning evals
+    assert done["summary"]["eval_loss"] == pytest.approx(study.trials[0].value)
+    assert done["summary"]["status"] == "complete" and "complete" in done["tags"]
+    assert done["exit_code"] == 0
+
+    pruned = runs["trial-0001"]
+    assert study.trials[1].state == optuna.trial.TrialState.PRUNED
+    assert "pruned" in pruned["tags"] and pruned["summary"]["status"] == "pruned"
+    reason = study.trials[1].user_attrs["reason"]
+    assert reason[: tracking.TAG_MAX] in pruned["tags"] and pruned["summary"]["reason"] == reason
+
+
+def test_a_wandb_failure_warns_once_and_the_sweep_goes_on(make_cfg, monkeypatch, caplog):
+    import wandb
+
+    def broken(*args, **kwargs):
+        raise ConnectionError("api.wandb.ai unreachable")
+
+    monkeypatch.setattr(wandb, "init", broken)
+    cfg = make_cfg(*TWO_TRIALS, "sweep.enqueue=[]", tracking="wandb")
+    with caplog.at_level(logging.WARNING, logger="lora_search.tracking"):
+        pipeline.run(cfg)
+    study = study_lib.open_study(cfg)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    warnings = [r for r in caplog.records if "W&B tracking failed" in r.getMessage()]
+    assert len(warnings) == 1 and "api.wandb.ai unreachable" in warnings[0].getMessage()
+    assert not (study_lib.study_dir(cfg) / "wandb").exists()
+
+
+def test_a_failure_inside_a_run_does_not_fail_the_trial(make_cfg, monkeypatch, caplog):
+    calls = []
+
+    def log_fails(run, metrics, step=None):
+        calls.append(step)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tracking, "log_metrics", tracking._safe(log_fails))
+    cfg = make_cfg(*TWO_TRIALS, "sweep.enqueue=[]", "sweep.n_trials=1", tracking="wandb")
+    pipeline.run(cfg)
+    assert calls == [calls[0]]  # the first failure switched tracking off
+    assert study_lib.open_study(cfg).trials[0].state == optuna.trial.TrialState.COMPLETE
+    assert "disk full" in caplog.text
+
+
+def test_offline_by_default_online_with_a_key_or_when_asked(make_cfg, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert tracking.mode(make_cfg(tracking="wandb")) == "offline"
+    assert tracking.mode(make_cfg("tracking.mode=online", tracking="wandb")) == "online"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert tracking.mode(make_cfg(tracking="wandb")) == "online"
+    assert not tracking.enabled(make_cfg("tracking.mode=disabled", tracking="wandb"))
+    assert not tracking.enabled(make_cfg(tracking="none"))
+    assert tracking.start(make_cfg(tracking="none"), "unused", "x", "trial") is None
+
+
+def test_the_default_config_tracks_to_wandb():
+    from lora_search.compose import load_config
+
+    cfg = load_config([])
+    assert (cfg.tracking.backend, cfg.tracking.mode) == ("wandb", "offline")
+
+
+def test_summaries_flatten_nested_numbers_and_drop_what_wandb_cannot_chart():
+    flat = tracking._scalars({"tuned": {"eval_loss": 0.5, "samples": [1, 2]}, "x": float("nan"), "ok": True,
+                              "name": "qv", "n": 3})
+    assert flat == {"tuned/eval_loss": 0.5, "name": "qv", "n": 3}
