@@ -60,7 +60,9 @@ def run(cfg) -> None:
         from hydra.core.hydra_config import HydraConfig
 
         validate(run_cfg)
-        pipeline.run(run_cfg, list(HydraConfig.get().overrides.task))
+        code = pipeline.run(run_cfg, list(HydraConfig.get().overrides.task))
+        if code:
+            sys.exit(code)  # a nightly job: 3 = new champion (0 = no change)
 
 
 def _task(cfg) -> None:

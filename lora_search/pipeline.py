@@ -63,8 +63,11 @@ def _mark_done(out, stage: str, cid: str) -> None:
     records.write_json(out / "stages.json", {**done, stage: cid})
 
 
-def run(cfg: RunConfig, overrides: list[str] = ()) -> None:
-    """Run the stage(s) cfg.stage names; `overrides` (the command line) let extra workers compose the same run."""
+def run(cfg: RunConfig, overrides: list[str] = ()) -> int:
+    """Run the stage(s) cfg.stage names, or a night of a nightly sweep; return the exit code.
+
+    `overrides` (the command line) let extra workers compose the same run.
+    """
     t0 = time.perf_counter()
     stages = ORDER if cfg.stage == "all" else (cfg.stage,)
     explicit = cfg.stage != "all"
@@ -72,6 +75,10 @@ def run(cfg: RunConfig, overrides: list[str] = ()) -> None:
     out = study_dir(cfg)
     workers = Workers(cfg)
     records.write_config(out / "sweep.yaml", cfg)
+    if cfg.sweep.nightly.enabled and cfg.stage == "all":
+        from lora_search import nightly
+
+        return nightly.run_night(cfg, workers.get, overrides)
     study = search_stage(cfg, workers.get, overrides) if "search" in stages else open_study(cfg)
     if "promote" in stages:
         promote_stage(cfg, study, lambda: workers.get(load_best(out)), force=cfg.force or explicit)
@@ -97,6 +104,7 @@ def run(cfg: RunConfig, overrides: list[str] = ()) -> None:
         tracking.log_sweep_summary(cfg, out, plots.summary(study, cfg.sweep.metric), plots.importances(study), pngs)
         summarize(study, cfg, out)
         log.info("report: %s (%.1f min in all)", path, (time.perf_counter() - t0) / 60)
+    return 0
 
 
 def summarize(study, cfg: RunConfig, out) -> None:

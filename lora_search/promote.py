@@ -39,15 +39,17 @@ def load_best(study_dir: Path) -> RunConfig:
     return compose.to_run_config(node)
 
 
-def promote_stage(cfg: RunConfig, study, get_worker, force: bool = False) -> dict:
-    """Write best.yaml and train the best config with the promotion budget; skipped when already done."""
+def promote_stage(cfg: RunConfig, study, get_worker, force: bool = False, out: Path | None = None,
+                  best=None) -> dict:
+    """Write best.yaml and train the best (or the given) trial's config with the promotion budget into
+    out (default results/<study>/); skipped when already done."""
     from lora_search.study import best_trial, study_dir
 
-    best = best_trial(study)
+    best = best or best_trial(study)
     if best is None:
         raise ConfigError(f"study {cfg.sweep.name} has no complete trial to promote (all pruned or failed); "
                           "widen sweep.space or raise sweep.n_trials")
-    out = study_dir(cfg)
+    out = Path(out or study_dir(cfg))
     full_cfg = best_config(cfg, best)
     cid = config_id(full_cfg)
     previous = records.read_json(out / "full" / "metrics.json")
@@ -60,7 +62,7 @@ def promote_stage(cfg: RunConfig, study, get_worker, force: bool = False) -> dic
     log.info("promoting trial #%d (%s %.4f) to a full run of %d steps", best.number, cfg.sweep.metric, best.value,
              full_cfg.trainer.max_steps)
     records.write_status(out / "full", "running", trial=best.number)
-    run = tracking.start(full_cfg, out, f"full-trial-{best.number:04d}", "full",
+    run = tracking.start(full_cfg, study_dir(cfg), f"full-trial-{best.number:04d}", "full",
                          {"params": best.user_attrs.get("params") or best.params, "trial": best.number})
     try:
         metrics = train_adapter(get_worker(), full_cfg, out / "full", callbacks=[tracking.StepLogger(run)],

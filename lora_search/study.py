@@ -5,6 +5,7 @@ runs pruned trials on one loaded base, recording each in the study and in result
 from __future__ import annotations
 
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -84,6 +85,16 @@ def check_sweep(cfg: RunConfig) -> None:
         problems.append(f"sweep.metric=exact_match needs data with exact answers (data.exact_match), data={cfg.data.name}")
     if not isinstance(s.n_trials, int) or s.n_trials < 1:
         problems.append(f"sweep.n_trials must be a positive integer, got {s.n_trials!r}")
+    n = s.nightly
+    if n.enabled:
+        if not isinstance(n.trials_per_night, int) or n.trials_per_night < 1:
+            problems.append(f"sweep.nightly.trials_per_night must be a positive integer, got {n.trials_per_night!r}")
+        if not isinstance(n.seed_top_k, int) or n.seed_top_k < 0:
+            problems.append(f"sweep.nightly.seed_top_k must be an integer >= 0, got {n.seed_top_k!r}")
+        if not isinstance(n.margin, (int, float)) or n.margin < 0:
+            problems.append(f"sweep.nightly.margin must be a fraction >= 0 (0.01 = 1%), got {n.margin!r}")
+        if n.night is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(n.night)):
+            problems.append(f"sweep.nightly.night names a folder: letters, digits, '.', '_' and '-' only; got {n.night!r}")
     if s.timeout_s is not None and s.timeout_s <= 0:
         problems.append(f"sweep.timeout_s must be positive or null, got {s.timeout_s!r}")
     for part in ("trial", "promotion"):
@@ -167,6 +178,8 @@ def objective_fn(cfg: RunConfig, worker: Worker):
         trial_cfg = space_lib.apply(base_cfg, params)
         trial.set_user_attr("params", params)
         trial.set_user_attr("worker", worker_id())
+        if cfg.sweep.nightly.night:
+            trial.set_user_attr("night", cfg.sweep.nightly.night)
         callback = PruningCallback(trial, "eval_loss", maximize=maximize)
         run = tracking.start(trial_cfg, study_dir(cfg), f"trial-{trial.number:04d}", "trial",
                              {"params": params, "trial": trial.number, "worker": worker_id()})

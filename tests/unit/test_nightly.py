@@ -1,0 +1,101 @@
+"""Nightly tuning: two (and three) simulated nights on the tiny model; champion, history, exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lora_search import nightly, pipeline, study as study_lib
+from lora_search.errors import ConfigError
+
+NIGHT = ["sweep=nightly", "data.train_per_task=24", "data.eval_per_task=6", "sweep.timeout_s=600",
+         "++sweep.trial={trainer.max_steps: 6, trainer.eval_every: 3, trainer.batch_size: 4, "
+         "trainer.exact_match_items: 2, trainer.max_new_tokens: 4}",
+         "++sweep.promotion={trainer.max_steps: 8, trainer.eval_every: 0, trainer.exact_match_items: 2}",
+         "sweep.pruner=none", "sweep.nightly.trials_per_night=2", "sweep.nightly.seed_top_k=1",
+         "benchmark.latency_prompts=1", "benchmark.max_new_tokens=2", "benchmark.int8_dynamic=false"]
+
+
+def _read(path):
+    return json.loads(path.read_text())
+
+
+@pytest.mark.slow  # three nights: searches, full runs, a merge and a benchmark per champion
+def test_two_nights_then_a_data_change(make_cfg):
+    first = make_cfg(*NIGHT, "sweep.nightly.night=2026-11-01")
+    assert pipeline.run(first) == 3  # the first night always crowns a champion
+    out = study_lib.study_dir(first)
+    champion = _read(out / "champion.json")
+    assert champion["champion"]["night"] == "2026-11-01"
+    night1 = _read(out / "nights" / "2026-11-01" / "night.json")
+    assert night1["decision"] == "new_champion" and night1["trials"] == 2 and night1["changed"] == []
+    assert (out / "nights" / "2026-11-01" / "full" / "merged" / "config.json").exists()
+    assert (out / "nights" / "2026-11-01" / "benchmark.json").exists()
+
+    # Night 2, same data and model, an unreachable margin: tonight's best cannot take over.
+    second = make_cfg(*NIGHT, "sweep.nightly.night=2026-11-02", "sweep.nightly.margin=10")
+    assert pipeline.run(second) == 0
+    night2 = _read(out / "nights" / "2026-11-02" / "night.json")
+    study = study_lib.open_study(second)
+    assert night2["decision"] == "no_change" and "did not beat the champion" in night2["reason"]
+    assert night2["seeded_from"] == [night1["best_trial"]]  # the best earlier configuration ran first tonight
+    tonight = nightly.tonight(study, "2026-11-02")
+    assert len(tonight) == 2 and len(study_lib.finished(study)) == 4
+    assert tonight[0].user_attrs["seeded_from"] == night1["best_trial"]
+    assert tonight[0].params == study.trials[night1["best_trial"]].params
+    assert night2["champion_value_now"] is not None  # the champion was measured again tonight
+    assert not (out / "nights" / "2026-11-02" / "full" / "merged").exists()  # only champions are merged
+    champion = _read(out / "champion.json")
+    assert champion["champion"]["night"] == "2026-11-01"
+    assert [h["decision"] for h in champion["history"]] == ["new_champion", "no_change"]
+    report = (out / "nights" / "2026-11-02" / "report.md").read_text()
+    assert "Decision: no change" in report and "Data and base model are the same" in report
+    assert "2026-11-01" in report and "2026-11-02" in report  # the champion's history
+
+    # The same night again: recorded, nothing to do, same exit code.
+    assert pipeline.run(second) == 0
+    assert len(study_lib.finished(study_lib.open_study(second))) == 4
+
+    # Night 3: the data changed. It is detected, stated, and both are measured on the new data.
+    third = make_cfg(*NIGHT, "sweep.nightly.night=2026-11-03", "data.train_per_task=20", "sweep.nightly.margin=0")
+    code = pipeline.run(third)
+    night3 = _read(out / "nights" / "2026-11-03" / "night.json")
+    assert night3["changed"] == ["data"] and code == nightly.EXIT[night3["decision"]]
+    assert night3["fingerprints"]["data"] != night1["fingerprints"]["data"]
+    assert night3["fingerprints"]["model"] == night1["fingerprints"]["model"]
+    assert "The data changed since the champion was trained" in (out / "nights" / "2026-11-03" / "report.md").read_text()
+
+
+def test_a_failed_night_is_recorded_and_raised(make_cfg, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of disk")
+
+    monkeypatch.setattr(nightly, "search_stage", broken)
+    cfg = make_cfg(*NIGHT, "sweep.nightly.night=2026-11-05")
+    with pytest.raises(RuntimeError, match="out of disk"):
+        pipeline.run(cfg)
+    out = study_lib.study_dir(cfg)
+    night = _read(out / "nights" / "2026-11-05" / "night.json")
+    assert night["decision"] == "failed" and night["reason"] == "RuntimeError: out of disk"
+    assert _read(out / "champion.json")["history"][-1]["decision"] == "failed"
+    assert nightly.EXIT["failed"] == 1
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("sweep.nightly.trials_per_night=0", "sweep.nightly.trials_per_night must be a positive integer, got 0"),
+    ("sweep.nightly.margin=-0.1", "sweep.nightly.margin must be a fraction >= 0"),
+    ("sweep.nightly.night=../etc", "sweep.nightly.night names a folder"),
+])
+def test_bad_nightly_settings_fail_before_any_work(make_cfg, override, expected):
+    with pytest.raises(ConfigError) as info:
+        pipeline.run(make_cfg(*NIGHT, override))
+    assert any(expected in p for p in info.value.problems), info.value.problems
+
+
+@pytest.mark.parametrize("candidate, champion, maximize, margin, wins", [
+    (0.95, 1.0, False, 0.01, True), (0.995, 1.0, False, 0.01, False), (1.02, 1.0, True, 0.01, True),
+    (1.005, 1.0, True, 0.01, False), (0.99, 1.0, False, 0.0, True),
+])
+def test_the_margin_is_a_fraction_of_the_champion(candidate, champion, maximize, margin, wins):
+    assert nightly.better(candidate, champion, margin, maximize) is wins
