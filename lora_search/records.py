@@ -18,6 +18,12 @@ from omegaconf import OmegaConf
 from lora_search import hardware
 
 SECRET_KEYS = re.compile(r"(^|_)(api_?key|token|password|secret|auth)$", re.I)
+URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]+:)[^@\s]+(?=@)", re.I)
+
+
+def redact(text: str) -> str:
+    """A URL's password replaced by *** (postgresql://user:***@host/db)."""
+    return URL_PASSWORD.sub(r"\g<head>***", text)
 
 
 def _jsonable(value):
@@ -57,7 +63,7 @@ def config_dict(cfg) -> dict:
             return {k: ("***" if SECRET_KEYS.search(str(k)) and v else mask(v)) for k, v in node.items()}
         if isinstance(node, list):
             return [mask(v) for v in node]
-        return node
+        return redact(node) if isinstance(node, str) else node
 
     return mask(data)
 

@@ -132,7 +132,7 @@ def open_study(cfg: RunConfig) -> optuna.Study:
     study = optuna.create_study(study_name=cfg.sweep.name, storage=storage, load_if_exists=True,
                                 direction=cfg.sweep.direction, sampler=make_sampler(cfg), pruner=make_pruner(cfg))
     if study.direction.name.lower() != cfg.sweep.direction:
-        raise ConfigError(f"study {cfg.sweep.name!r} in {storage_url(cfg)} was created to "
+        raise ConfigError(f"study {cfg.sweep.name!r} in {records.redact(url)} was created to "
                           f"{study.direction.name.lower()}, but sweep.direction={cfg.sweep.direction}")
     return study
 
@@ -258,7 +258,7 @@ def search_stage(cfg: RunConfig, get_worker, overrides: list[str] = ()) -> optun
         return study
     _enqueue(study, cfg)
     log.info("study %s: %d of %d trials finished; storage %s", cfg.sweep.name, done, cfg.sweep.n_trials,
-             storage_url(cfg))
+             records.redact(storage_url(cfg)))
     procs = launch.spawn(list(overrides), cfg.sweep.workers, study_dir(cfg) / "workers") if cfg.sweep.workers > 1 else []
     worker = get_worker()
     started = time.perf_counter()

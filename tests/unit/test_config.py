@@ -135,3 +135,13 @@ def test_schema_keys_cover_nested_groups():
     keys = compose.schema_keys()
     assert {"lora.r", "trainer.learning_rate", "model.source", "stage"} <= set(keys)
     assert all(dataclasses.is_dataclass(t) for t in schema.GROUPS.values())
+
+
+def test_a_password_in_a_storage_url_is_never_written(make_cfg, tmp_path):
+    from lora_search import records
+
+    cfg = make_cfg("sweep.storage=postgresql+psycopg://lora:hunter2@db.example:5432/studies")
+    records.write_config(tmp_path / "sweep.yaml", cfg)
+    text = (tmp_path / "sweep.yaml").read_text()
+    assert "hunter2" not in text and "postgresql+psycopg://lora:***@db.example:5432/studies" in text
+    assert records.redact("sqlite:////tmp/study.db") == "sqlite:////tmp/study.db"
