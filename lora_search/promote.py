@@ -22,7 +22,8 @@ def best_config(cfg: RunConfig, best) -> RunConfig:
     """The sweep config with the trial budget, the best trial's params, then the promotion budget."""
     params = best.user_attrs.get("params") or best.params
     trial_cfg = space_lib.apply(space_lib.apply(cfg, dict(cfg.sweep.trial)), params)
-    return space_lib.apply(trial_cfg, dict(cfg.sweep.promotion))
+    # The full run is measured on every eval row unless the promotion block says otherwise.
+    return space_lib.apply(trial_cfg, {"trainer.final_eval": "full", **dict(cfg.sweep.promotion)})
 
 
 def config_id(cfg: RunConfig) -> str:

@@ -81,6 +81,9 @@ class TrainerConfig:
     eval_every: int = 20  # steps between cheap evals on the fixed eval subset (0: none)
     eval_subset: int = 32  # rows in that fixed subset
     exact_match_items: int = 48  # held-out items answered by greedy generation (0: skip)
+    # The run's final eval: full = every eval row; subset = the fixed eval subset, reusing the last
+    # periodic eval when it fell on the last step (what short sweep trials use: no extra pass).
+    final_eval: str = "full"
     max_new_tokens: int = 32  # generation budget for exact match
     num_threads: int = 0  # torch CPU threads (0: torch's default)
 

@@ -50,6 +50,33 @@ class StepTimer(TrainerCallback):
             self._t0 = None
 
 
+def timed_evaluate(trainer) -> dict:
+    """Make trainer.evaluate record its seconds and last result (periodic and final evals alike)."""
+    stats = {"seconds": 0.0, "count": 0, "last": None}
+    original = trainer.evaluate
+
+    def evaluate(*args, **kwargs):
+        t0 = time.perf_counter()
+        result = original(*args, **kwargs)
+        stats["seconds"] += time.perf_counter() - t0
+        stats["count"] += 1
+        stats["last"] = (trainer.state.global_step, kwargs.get("eval_dataset") is None, result)
+        return result
+
+    trainer.evaluate = evaluate
+    return stats
+
+
+def final_eval(trainer, cfg: RunConfig, full_eval, evals: dict) -> dict:
+    """The run's final eval: every row, or the subset (reusing a periodic eval on the last step)."""
+    if cfg.trainer.final_eval == "full":
+        return trainer.evaluate(eval_dataset=full_eval)
+    last = evals["last"]
+    if last and last[0] == trainer.state.global_step and last[1]:
+        return last[2]
+    return trainer.evaluate()
+
+
 def sft_config(cfg: RunConfig, out_dir: Path, report_to: list[str]):
     """TRL's SFTConfig for a run config."""
     from trl import SFTConfig
@@ -154,15 +181,22 @@ def _train(worker: Worker, cfg: RunConfig, out_dir: Path, callbacks, report_to, 
         args = sft_config(cfg, out_dir, list(report_to))
         trainer, full_eval = _trainer(worker, peft_model, args, cfg, [timer, *callbacks])
         metrics = dict(baseline(worker, cfg, trainer, full_eval, peft_model)) if with_baseline else {}
+        evals = timed_evaluate(trainer)  # after the baseline: its eval is not this run's
         setup_s = time.perf_counter() - t_start
         log.info("training %s steps: r=%s alpha=%s dropout=%s targets=%s lr=%.2e", cfg.trainer.max_steps,
                  cfg.lora.r, cfg.lora.alpha_ratio * cfg.lora.r if cfg.lora.alpha_ratio else cfg.lora.alpha,
                  cfg.lora.dropout, cfg.lora.targets, cfg.trainer.learning_rate)
         with hardware.PeakMemory() as peak:
+            t0 = time.perf_counter()
             output = trainer.train()
+            loop_s, periodic_eval_s = time.perf_counter() - t0, evals["seconds"]
             losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-            final = trainer.evaluate(eval_dataset=full_eval)
+            t0 = time.perf_counter()
+            final = final_eval(trainer, cfg, full_eval, evals)
+            final_eval_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
             em = _exact_match(peft_model, worker, cfg)
+            em_s = time.perf_counter() - t0
         tokens = int(trainer.state.num_input_tokens_seen)
         metrics.update({
             "eval_loss": final["eval_loss"],
@@ -180,6 +214,11 @@ def _train(worker: Worker, cfg: RunConfig, out_dir: Path, callbacks, report_to, 
             "trainable_params": trainable,
             "total_params": total,
             "setup_s": setup_s,
+            "train_loop_s": loop_s,  # trainer.train(): optimizer steps + periodic evals + the rest
+            "periodic_eval_s": periodic_eval_s,  # the evals pruning reads
+            "final_eval_s": final_eval_s,
+            "exact_match_s": em_s,
+            "eval_rows": len(full_eval) if cfg.trainer.final_eval == "full" else len(trainer.eval_dataset),
         })
         if save:
             peft_model.save_pretrained(out_dir / "adapter", safe_serialization=True)

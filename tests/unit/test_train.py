@@ -136,3 +136,25 @@ def test_missing_columns_fail_before_weights_load(make_cfg, monkeypatch, tmp_pat
     with pytest.raises(DataError) as info:
         runs.train_stage(cfg)
     assert "missing column(s) output" in str(info.value) and "instruction, answer" in str(info.value)
+
+
+def test_a_subset_final_eval_reuses_the_last_periodic_eval(worker_and_cfg, tmp_path):
+    from transformers import TrainerCallback
+
+    worker, cfg = worker_and_cfg
+    seen = []
+
+    class Evals(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            seen.append((state.global_step, metrics["eval_loss"]))
+
+    cfg.trainer.final_eval, cfg.trainer.exact_match_items = "subset", 0
+    metrics = train_adapter(worker, cfg, tmp_path / "sub", callbacks=[Evals()], with_baseline=False, save=False)
+    assert [s for s, _ in seen] == [6, 12]  # the periodic evals only: no extra pass at the end
+    assert metrics["eval_loss"] == seen[-1][1] and metrics["eval_rows"] == min(cfg.trainer.eval_subset, 6 * 4)
+    assert metrics["periodic_eval_s"] > 0 and metrics["final_eval_s"] < metrics["periodic_eval_s"]
+
+    cfg.trainer.final_eval = "full"
+    seen.clear()
+    metrics = train_adapter(worker, cfg, tmp_path / "full", callbacks=[Evals()], with_baseline=False, save=False)
+    assert [s for s, _ in seen] == [6, 12, 12] and metrics["eval_rows"] == len(worker.data.eval)
