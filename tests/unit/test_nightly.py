@@ -99,3 +99,19 @@ def test_bad_nightly_settings_fail_before_any_work(make_cfg, override, expected)
 ])
 def test_the_margin_is_a_fraction_of_the_champion(candidate, champion, maximize, margin, wins):
     assert nightly.better(candidate, champion, margin, maximize) is wins
+
+
+@pytest.mark.parametrize("code", [3, 0])
+def test_the_command_line_exits_with_the_nights_code(monkeypatch, tmp_path, code):
+    from lora_search import __main__ as cli
+
+    seen = []
+    monkeypatch.setattr(pipeline, "run", lambda cfg, overrides=(): seen.append(cfg.sweep.nightly.enabled) or code)
+    args = ["sweep=nightly", "model=tiny_llama", f"results_dir={tmp_path}", "tracking=none"]
+    if code:
+        with pytest.raises(SystemExit) as info:
+            cli.main(args)
+        assert info.value.code == code
+    else:
+        cli.main(args)  # no change: a plain return, exit status 0
+    assert seen == [True]
