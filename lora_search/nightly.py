@@ -131,10 +131,10 @@ def run_night(cfg: RunConfig, get_worker, overrides: list[str] = ()) -> int:
         entry.update(_night(cfg, get_worker, overrides, night, night_dir))
     except BaseException as e:
         entry.update(decision="failed", reason=f"{type(e).__name__}: {e}", wall_s=time.perf_counter() - t0)
-        _close(out, night_dir, entry, None)
+        _close(cfg, night_dir, entry, None)
         raise
     entry["wall_s"] = time.perf_counter() - t0
-    _close(out, night_dir, entry, entry.pop("_champion", None))
+    _close(cfg, night_dir, entry, entry.pop("_champion", None))
     return EXIT[entry["decision"]]
 
 
@@ -199,8 +199,9 @@ def _crown(full_cfg: RunConfig, night_dir: Path, data) -> None:
     tracking.log_benchmark(full_cfg, study_dir(full_cfg), bench)
 
 
-def _close(out: Path, night_dir: Path, entry: dict, new_champion: dict | None) -> None:
+def _close(cfg: RunConfig, night_dir: Path, entry: dict, new_champion: dict | None) -> None:
     """Write night.json, update champion.json (champion and history) and the dated report."""
+    out = study_dir(cfg)
     records.write_json(night_dir / "night.json", entry)
     champion = records.read_json(out / "champion.json") or {"champion": None, "history": []}
     if new_champion:
@@ -211,18 +212,19 @@ def _close(out: Path, night_dir: Path, entry: dict, new_champion: dict | None) -
     champion["history"] = [*history, {k: entry.get(k) for k in keep}]
     records.write_json(out / "champion.json", champion)
     try:
-        write_night_report(night_dir, entry, champion)
+        write_night_report(cfg, night_dir, entry, champion)
+        if entry["decision"] != "failed":
+            tracking.log_study(open_study(cfg), cfg, out, night_dir)
     except Exception as e:  # noqa: BLE001 - a report problem must not hide the night's outcome
         log.warning("could not write the night's report: %s", e)
 
 
-def write_night_report(night_dir: Path, entry: dict, champion: dict) -> Path:
-    """nights/<night>/report.md: what changed tonight, the decision, the champion and its history."""
+def night_sections(entry: dict, champion: dict) -> list[str]:
+    """Markdown for the top of a night's report: the decision, what changed, the champion's history."""
     metric = entry.get("metric")
-    lines = [f"# Night {entry['night']}: study `{entry['study']}`", "",
-             f"**Decision: {entry['decision'].replace('_', ' ')}**: {entry.get('reason', '')}", ""]
+    lines = [f"**Decision: {entry['decision'].replace('_', ' ')}**: {entry.get('reason', '')}", "",
+             "## What changed", ""]
     changed = entry.get("changed") or []
-    lines += ["## What changed", ""]
     if changed:
         lines += [f"- The {' and the '.join('data' if c == 'data' else 'base model' for c in changed)} changed "
                   "since the champion was trained (fingerprints below); both were measured again on tonight's data."]
@@ -235,9 +237,8 @@ def write_night_report(night_dir: Path, entry: dict, champion: dict) -> Path:
                   f"with {metric} {_num(entry.get('best_value'))} in its short run."]
     lines += [f"- Full run of tonight's best: {metric} {_num(entry.get('candidate_value'))}; champion before "
               f"{_num(entry.get('champion_value_now', entry.get('champion_value_before')))} (re-measured tonight), "
-              f"after {_num(entry.get('champion_value_after'))}.", ""]
-    for key, value in (entry.get("fingerprints") or {}).items():
-        lines.append(f"- {key} fingerprint: `{value[:16]}`")
+              f"after {_num(entry.get('champion_value_after'))}."]
+    lines += [f"- {key} fingerprint: `{value[:16]}`" for key, value in (entry.get("fingerprints") or {}).items()]
     lines += ["", "## Champion history", ""]
     rows = [[h["night"], h["decision"], h.get("candidate_value"), h.get("champion_value_after"),
              ", ".join(h.get("changed") or []), h.get("reason")] for h in champion["history"]]
@@ -246,9 +247,20 @@ def write_night_report(night_dir: Path, entry: dict, champion: dict) -> Path:
         c = champion["champion"]
         lines += ["", f"Champion: night {c['night']}, trial #{c['trial']}, {metric} {_num(c['value'])}; "
                       f"adapter `{c['adapter']}`."]
-    path = night_dir / "report.md"
-    records.write_text(path, "\n".join(lines) + "\n")
-    return path
+    return [*lines, ""]
+
+
+def write_night_report(cfg: RunConfig, night_dir: Path, entry: dict, champion: dict) -> Path:
+    """nights/<night>/report.md (+ report.html, plots/): tonight's sections, then the study's report."""
+    title = f"Night {entry['night']}: study `{entry['study']}`"
+    preface = night_sections(entry, champion)
+    try:
+        return report.write_report(open_study(cfg), cfg, night_dir, title=title, preface=preface)
+    except Exception as e:  # noqa: BLE001 - the storage may be what failed tonight
+        log.warning("study report unavailable tonight (%s): writing the night's sections only", e)
+        path = night_dir / "report.md"
+        records.write_text(path, "\n".join([f"# {title}", "", *preface]))
+        return path
 
 
 def _num(value) -> str:

@@ -98,10 +98,7 @@ def run(cfg: RunConfig, overrides: list[str] = ()) -> int:
         _mark_done(out, name, cid)
     if "report" in stages:
         path = report.write_report(study, cfg, out)
-        from lora_search import plots
-
-        pngs = {p.stem: p for p in sorted((out / "plots").glob("*.png"))}
-        tracking.log_sweep_summary(cfg, out, plots.summary(study, cfg.sweep.metric), plots.importances(study), pngs)
+        tracking.log_study(study, cfg, out)
         summarize(study, cfg, out)
         log.info("report: %s (%.1f min in all)", path, (time.perf_counter() - t0) / 60)
     return 0

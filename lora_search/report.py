@@ -1,5 +1,6 @@
-"""results/<study>/report.md: the trials, the winner, the full run against its trial, the merge and
-the benchmark, from the study's storage and the records on disk alone.
+"""results/<study>/report.md and report.html: the trials, what mattered (importances and Optuna's
+plots, drawn by plots.py into plots/), the winner, the full run against its trial, the merge and the
+benchmark, from the study's storage and the records on disk alone.
 """
 
 from __future__ import annotations
@@ -8,7 +9,8 @@ from pathlib import Path
 
 import optuna
 
-from lora_search import records
+from lora_search import html as page
+from lora_search import plots, records
 
 
 def _cell(value) -> str:
@@ -55,14 +57,32 @@ def _benchmark_section(bench: dict) -> list[str]:
     return ["## Benchmark: base vs tuned", "", table(["", *names], rows), ""]
 
 
-def write_report(study: optuna.Study, cfg, out: Path) -> Path:
-    """Write report.md for a study folder and return its path."""
+def _search_sections(shares: dict, drawn: dict, metric: str, n_complete: int) -> list[str]:
+    lines = []
+    if shares:
+        rows = [[k, plots.readable(k), f"{v:.0%}"] for k, v in shares.items()]
+        lines += ["## Parameter importances", "", f"{plots.method_description(n_complete=n_complete)}.", "",
+                  table(["parameter", "name", "share"], rows), ""]
+    if drawn:
+        lines += ["## Plots", ""]
+        for name, (alt, caption) in plots.captions(metric.replace("_", " "), n_complete).items():
+            if name in drawn:
+                lines += [f"![{alt}](plots/{drawn[name].name})", f"*{caption}*", ""]
+    return lines
+
+
+def write_report(study: optuna.Study, cfg, out: Path, title: str | None = None, preface: list[str] = ()) -> Path:
+    """Write report.md, report.html and plots/ for a study folder (a night's sections first when given)."""
     s = cfg.sweep
     states = [t.state.name.lower() for t in study.get_trials(deepcopy=False)]
+    shares, drawn = plots.importances(study), plots.write_plots(study, cfg, out)
+    n_complete = states.count("complete")
     counts = ", ".join(f"{states.count(k)} {k}" for k in ("complete", "pruned", "fail", "running") if k in states)
-    lines = [f"# Study `{s.name}`", "",
+    title = title or f"Study `{s.name}`"
+    lines = [f"# {title}", "", *preface,
              f"Model `{cfg.model.name}`, data `{cfg.data.name}`, quantization `{cfg.quant.name}`; objective: "
              f"{s.direction} `{s.metric}`; sampler {_kind(s.sampler)}, pruner {_kind(s.pruner)}.", "",
+             f"**What mattered.** {plots.importance_sentence(shares, s.metric, n_complete=n_complete)}", "",
              f"## Trials ({len(states)}: {counts})", ""]
     header, rows = trial_rows(study, s.metric)
     lines += [table(header, rows), ""]
@@ -70,6 +90,7 @@ def write_report(study: optuna.Study, cfg, out: Path) -> Path:
     if best:
         params = ", ".join(f"`{k}={v}`" for k, v in best["params"].items())
         lines += [f"## Best trial: #{best['trial']}", "", f"{s.metric} {best['value']:.4f} with {params}.", ""]
+    lines += _search_sections(shares, drawn, s.metric, n_complete)
     full = records.read_json(out / "full" / "metrics.json")
     if full and full.get("full_value") is not None:
         delta = full["full_value"] - full["trial_value"]
@@ -87,4 +108,5 @@ def write_report(study: optuna.Study, cfg, out: Path) -> Path:
         lines += _benchmark_section(bench)
     path = out / "report.md"
     records.write_text(path, "\n".join(lines))
+    records.write_text(out / "report.html", page.markdown_to_html("\n".join(lines), out, title=title.replace("`", "")))
     return path

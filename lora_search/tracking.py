@@ -173,6 +173,17 @@ def log_benchmark(cfg: RunConfig, out: Path, bench: dict) -> None:
     finish(run, {n: bench[n] for n in names})
 
 
+def log_study(study, cfg: RunConfig, out: Path, report_dir: Path | None = None) -> None:
+    """The sweep summary run for a study, with the plots of the report in report_dir (default out)."""
+    if not enabled(cfg):
+        return
+    from lora_search import plots
+
+    summary = plots.summary(study, cfg.sweep.metric)
+    pngs = {p.stem: p for p in sorted(Path(report_dir or out).glob("plots/*.png"))}
+    log_sweep_summary(cfg, out, summary, summary.get("importances") or {}, pngs)
+
+
 def log_sweep_summary(cfg: RunConfig, out: Path, summary: dict, importances: dict, plots: dict) -> None:
     """One run (job type `summary`): best params and value, the importance table, the report's plots."""
     run = start(cfg, out, f"summary-{cfg.sweep.name}", "summary",

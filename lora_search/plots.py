@@ -1,0 +1,241 @@
+"""The report's figures and numbers, from Optuna's importance and visualization modules alone.
+
+Importances are fANOVA's (seeded, so a report reads the same twice) when scikit-learn, which
+fANOVA's random forest needs, is installed; otherwise PED-ANOVA, Optuna's default evaluator, which
+needs nothing more but measures something else, and the sentence says which. Plots are Optuna's
+matplotlib figures saved as PNG; a plot Optuna cannot draw for this study is skipped, never fatal.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+log = logging.getLogger(__name__)
+
+NAMES = {"trainer.learning_rate": "learning rate", "lora.r": "rank", "lora.alpha_ratio": "alpha ratio",
+         "lora.targets": "target modules", "lora.dropout": "dropout"}
+RANK_LR = ("lora.r", "trainer.learning_rate")
+SEED = 0  # fANOVA's random forest
+MIN_PED_ANOVA_TOP = 5  # PED-ANOVA's docs: at least 5 trials in the top quantile for a stable estimate
+# file stem -> (alt text, caption; {metric} is the objective)
+PLOTS = {
+    "history": ("Optimization history", "{metric} of every complete trial, and the best so far."),
+    "importances": ("Parameter importances", "how much each parameter matters for {metric} ({method})."),
+    "intermediate": ("Intermediate values", "{metric} at each evaluation step of every trial; a line marked "
+                     "with a cross is where a trial was pruned."),
+    "parallel": ("Parallel coordinates", "each complete trial's parameters, coloured by its {metric}."),
+    "rank_lr": ("LoRA rank x learning rate", "each complete trial at its LoRA rank and learning rate, coloured "
+                "by where its {metric} ranks among the trials (the colour bar gives the values)."),
+}
+
+
+def readable(param: str) -> str:
+    """A parameter's name for prose: `trainer.learning_rate` -> `learning rate`."""
+    return NAMES.get(param, param.split(".")[-1].replace("_", " "))
+
+
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def importance_method() -> str:
+    """`fanova` when scikit-learn is installed (fANOVA needs it), else `ped_anova`."""
+    return "fanova" if importlib.util.find_spec("sklearn") is not None else "ped_anova"
+
+
+def _ped_anova_quantile(n_complete: int) -> float:
+    return min(0.5, max(0.1, MIN_PED_ANOVA_TOP / max(n_complete, 1)))
+
+
+def _evaluator(method: str, n_complete: int):
+    if method == "fanova":
+        return optuna.importance.FanovaImportanceEvaluator(seed=SEED)
+    return optuna.importance.PedAnovaImportanceEvaluator(target_quantile=_ped_anova_quantile(n_complete))
+
+
+def _complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return [t for t in trials if t.value is not None and math.isfinite(t.value)]
+
+
+def _varying(trials) -> list[str]:
+    keys = sorted({k for t in trials for k in t.params})
+    return [k for k in keys if len({repr(t.params.get(k)) for t in trials}) > 1]
+
+
+def importances(study: optuna.Study) -> dict[str, float]:
+    """Each parameter's share of importance (summing to 1, largest first); {} when it cannot be estimated."""
+    trials = _complete(study)
+    if len(trials) < 2 or not _varying(trials) or len({t.value for t in trials}) < 2:
+        return {}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            raw = optuna.importance.get_param_importances(
+                study, evaluator=_evaluator(importance_method(), len(trials)), normalize=False)
+    except Exception as e:  # a report never fails on its importances
+        log.info("parameter importances skipped: %s: %s", type(e).__name__, e)
+        return {}
+    total = sum(float(v) for v in raw.values())
+    if not total > 0:
+        return {}
+    shares = {k: float(v) / total for k, v in raw.items()}
+    return dict(sorted(shares.items(), key=lambda kv: -kv[1]))
+
+
+def method_description(method: str | None = None, n_complete: int | None = None) -> str:
+    """How the importances were estimated, in a few words."""
+    method = method or importance_method()
+    over = f" over {n_complete} complete trials" if n_complete else ""
+    if method == "fanova":
+        return f"fANOVA{over}: each parameter's share of the variance explained by single parameters"
+    top = f"best {_ped_anova_quantile(n_complete):.0%}" if n_complete else "best trials"
+    return f"PED-ANOVA{over}: each parameter's share of the importance for landing in the {top} of trials"
+
+
+def importance_sentence(importances: dict[str, float], metric: str, method: str | None = None,
+                        n_complete: int | None = None) -> str:
+    """One sentence reading the importances: "Learning rate explains 71% of the variance of eval loss ..."."""
+    what = metric.replace("_", " ")
+    if not importances:
+        return (f"There are too few complete trials to estimate parameter importances for {what} "
+                "(it takes at least two complete trials that differ in their parameters and results).")
+    method = method or importance_method()
+    if len(importances) == 1:
+        only = _capital(readable(next(iter(importances))))
+        return f"{only} is the only parameter searched; the plots show how {what} depends on it."
+    (lead, share), *rest = sorted(importances.items(), key=lambda kv: -kv[1])
+    then = [f"{readable(k)} {v:.0%}" for k, v in rest[:3] if v >= 0.005]
+    verb = (f"explains {share:.0%} of the variance of {what}" if method == "fanova"
+            else f"carries {share:.0%} of the importance for {what}")
+    tail = f", then {', '.join(then[:-1])}{' and ' if len(then) > 1 else ''}{then[-1]}" if then else ""
+    return f"{_capital(readable(lead))} {verb}{tail} ({method_description(method, n_complete)})."
+
+
+def summary(study: optuna.Study, metric: str) -> dict:
+    """Headline numbers of a study: counts by state, best value and params, importances."""
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+    complete = _complete(study)
+    best = study.best_trial if complete else None
+    shares = importances(study)
+    return {
+        "metric": metric, "direction": study.direction.name.lower(), "trials": len(states),
+        "complete": states.count(TrialState.COMPLETE), "pruned": states.count(TrialState.PRUNED),
+        "failed": states.count(TrialState.FAIL), "running": states.count(TrialState.RUNNING),
+        "best_trial": best.number if best else None, "best_value": best.value if best else None,
+        "best_params": dict(best.params) if best else {}, "importances": shares,
+        "importance_method": importance_method() if shares else None,
+        "importance_sentence": importance_sentence(shares, metric, n_complete=len(complete)),
+    }
+
+
+def _figure(result):
+    return result.figure if hasattr(result, "figure") else result.flat[0].figure
+
+
+def _mark_pruned(ax, study: optuna.Study, max_legend: int = 20) -> None:
+    """Cross each pruned trial's last intermediate value on Optuna's axes; keep the legend readable."""
+    ends = [(max(t.intermediate_values), t.intermediate_values[max(t.intermediate_values)])
+            for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)) if t.intermediate_values]
+    if ends:
+        ax.scatter(*zip(*ends), marker="x", s=60, color="black", zorder=5, label="pruned")
+    handles, labels = ax.get_legend_handles_labels()
+    if len(labels) > max_legend + 1:  # one entry per trial stops being readable: keep "pruned" only
+        handles, labels = ([h for h, lab in zip(handles, labels) if lab == "pruned"], ["pruned"] * bool(ends))
+    if ax.get_legend():
+        ax.get_legend().remove()
+    if labels:
+        ax.legend(handles, labels, bbox_to_anchor=(1.02, 1), loc="upper left", borderaxespad=0.0, fontsize="small")
+
+
+def _log2_axis(ax, values) -> None:
+    """LoRA ranks are powers of two: space them evenly."""
+    from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+
+    ticks = sorted({v for v in values if isinstance(v, (int, float)) and v > 0})
+    if len(ticks) == len(set(values)) and len(ticks) > 1:
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+
+
+def _drawers(study: optuna.Study, metric: str, shares: dict, method: str, n_complete: int) -> dict:
+    """Plot name -> a function drawing it with Optuna, or None when this study cannot have it."""
+    vm = optuna.visualization.matplotlib
+    trials = study.get_trials(deepcopy=False)
+    with_steps = [t for t in trials if len(t.intermediate_values) > 0]
+    names = {k for t in trials for k in t.params}
+    enough = n_complete >= 2
+
+    def intermediate():
+        ax = vm.plot_intermediate_values(study)
+        ax.set_ylabel(metric)
+        _mark_pruned(ax, study)
+        return ax
+
+    def rank_lr():
+        ax = vm.plot_rank(study, params=list(RANK_LR), target_name=metric)
+        ax.set_title(f"LoRA rank x learning rate (colour: {metric}, by rank)")
+        _log2_axis(ax, [t.params[RANK_LR[0]] for t in _complete(study) if RANK_LR[0] in t.params])
+        return ax
+
+    return {
+        "history": (lambda: vm.plot_optimization_history(study, target_name=metric)) if enough else None,
+        "importances": (lambda: vm.plot_param_importances(
+            study, evaluator=_evaluator(method, n_complete), target_name=metric)) if shares else None,
+        "intermediate": intermediate if len(with_steps) >= 2 else None,
+        "parallel": (lambda: vm.plot_parallel_coordinate(study, target_name=metric)) if enough else None,
+        "rank_lr": rank_lr if enough and set(RANK_LR) <= names else None,
+    }
+
+
+def write_plots(study: optuna.Study, cfg, out: Path) -> dict[str, Path]:
+    """Save Optuna's plots of the study as out/plots/<name>.png; return those drawn, by name."""
+    import matplotlib
+
+    if "matplotlib.pyplot" not in sys.modules:  # files only, never a window (a notebook keeps its backend)
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = cfg.sweep.metric
+    folder = Path(out) / "plots"
+    folder.mkdir(parents=True, exist_ok=True)
+    n_complete = len(_complete(study))
+    shares = importances(study)
+    drawn = {}
+    for name, draw in _drawers(study, metric, shares, importance_method(), n_complete).items():
+        path = folder / f"{name}.png"
+        if draw is None:
+            log.info("plot %s skipped: too few trials (or parameters) for it", name)
+            path.unlink(missing_ok=True)  # a stale figure from an earlier run would mislead
+            continue
+        before = set(plt.get_fignums())
+        with plt.rc_context(), warnings.catch_warnings():  # undo Optuna's plt.style.use afterwards
+            warnings.simplefilter("ignore")  # ExperimentalWarning (plot_rank), small-sample notes from evaluators
+            try:
+                fig = _figure(draw())
+                fig.set_size_inches(8, 5)
+                fig.savefig(path, dpi=100, bbox_inches="tight")
+                drawn[name] = path
+            except Exception as e:  # Optuna could not draw this one: the report goes on without it
+                log.info("plot %s skipped: %s: %s", name, type(e).__name__, e)
+                path.unlink(missing_ok=True)
+            finally:
+                for num in set(plt.get_fignums()) - before:
+                    plt.close(num)
+    return drawn
+
+
+def captions(metric: str, n_complete: int | None = None) -> dict[str, tuple[str, str]]:
+    """Plot name -> (alt text, one-line caption) for the report."""
+    method = method_description(n_complete=n_complete)
+    return {k: (alt, f"{alt}: {text.format(metric=metric, method=method)}") for k, (alt, text) in PLOTS.items()}

@@ -1,0 +1,112 @@
+"""The report: Optuna's plots as real PNGs, the importance sentence, a self-contained HTML page."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import matplotlib.image
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.trial import TrialState, create_trial
+
+from lora_search import plots, report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+DISTRIBUTIONS = {
+    "lora.r": CategoricalDistribution([4, 8, 16, 32]),
+    "lora.dropout": FloatDistribution(0.0, 0.1),
+    "lora.targets": CategoricalDistribution(["qv", "attn", "all_linear"]),
+    "trainer.learning_rate": FloatDistribution(2e-4, 3e-3, log=True),
+}
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    """The default sweep (rank_lr) for the tiny model, results in a temporary folder."""
+    from lora_search.compose import load_config
+
+    return load_config(["model=tiny_llama", f"results_dir={tmp_path_factory.mktemp('results')}"])
+
+
+def make_study(folder, n_trials: int = 12, pruned=(3, 7)) -> optuna.Study:
+    """A SQLite study whose eval loss is set by the learning rate; the other parameters barely matter."""
+    folder.mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(study_name="rank_lr", storage=f"sqlite:///{folder / 'study.db'}",
+                                direction="minimize")
+    for i in range(n_trials):
+        lr = min(max(2e-4 * 15 ** ((i * 7 % n_trials) / max(n_trials - 1, 1)), 2e-4), 3e-3)
+        params = {"lora.r": [4, 8, 16, 32][i % 4], "lora.dropout": (i * 3 % 5) / 50,
+                  "lora.targets": ["qv", "attn", "all_linear"][i % 3], "trainer.learning_rate": lr}
+        final = 0.4 + 0.3 * math.log(3e-3 / lr) / math.log(15) + 0.002 * (i % 2)
+        steps = {s: final + 0.6 / s for s in (2, 4, 6, 8, 10)}
+        attrs = {"exact_match": 0.5, "wall_s": 12.0, "status": "complete", "steps": 10}
+        if i in pruned:
+            steps = {s: v + 0.3 for s, v in steps.items() if s <= 4}
+            attrs = {**attrs, "status": "pruned", "steps": 4}
+            study.add_trial(create_trial(state=TrialState.PRUNED, params=params, distributions=DISTRIBUTIONS,
+                                         intermediate_values=steps, user_attrs=attrs))
+        else:
+            study.add_trial(create_trial(value=final, params=params, distributions=DISTRIBUTIONS,
+                                         intermediate_values=steps, user_attrs=attrs))
+    return study
+
+
+def test_importance_sentence_reads_the_shares():
+    shares = {"trainer.learning_rate": 0.71, "lora.r": 0.15, "lora.dropout": 0.08, "lora.targets": 0.06}
+    text = plots.importance_sentence(shares, "eval_loss", method="fanova", n_complete=12)
+    assert text.startswith("Learning rate explains 71% of the variance of eval loss, then rank 15%, dropout 8%")
+    assert "and target modules 6%" in text and "fANOVA over 12 complete trials" in text
+    assert "share of the variance explained by single parameters" in text
+    ped = plots.importance_sentence(shares, "exact_match", method="ped_anova", n_complete=20)
+    assert ped.startswith("Learning rate carries 71% of the importance for exact match") and "best 25%" in ped
+    assert "too few complete trials" in plots.importance_sentence({}, "eval_loss")
+    assert plots.importance_sentence({"trainer.learning_rate": 1.0}, "eval_loss").startswith(
+        "Learning rate is the only parameter searched")
+    assert [plots.readable(k) for k in ("lora.alpha_ratio", "lora.targets", "trainer.warmup_steps")] == [
+        "alpha ratio", "target modules", "warmup steps"]
+
+
+def test_report_has_optuna_plots_importances_and_a_self_contained_html(cfg, tmp_path):
+    out = tmp_path / "rank_lr"
+    study = make_study(out)
+    shares = plots.importances(study)
+    assert next(iter(shares)) == "trainer.learning_rate" and shares["trainer.learning_rate"] > 0.5
+    assert math.isclose(sum(shares.values()), 1.0) and plots.importances(study) == shares  # seeded
+
+    path = report.write_report(study, cfg, out)
+    md = path.read_text()
+    names = ("history", "importances", "intermediate", "parallel", "rank_lr")
+    for name in names:
+        png = out / "plots" / f"{name}.png"
+        data = png.read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 10_000, name
+        height, width = matplotlib.image.imread(png).shape[:2]
+        assert width > 300 and height > 200, name
+        assert f"](plots/{name}.png)" in md
+    assert "where a trial was pruned" in md
+    sentence = re.search(r"Learning rate explains (\d+)% of the variance of eval loss|"
+                         r"Learning rate carries (\d+)% of the importance for eval loss", md)
+    assert sentence and int(sentence[1] or sentence[2]) > 50
+    assert "## Parameter importances" in md and "| trainer.learning_rate | learning rate |" in md
+
+    html = (out / "report.html").read_text()
+    assert 'src="http' not in html and "<link" not in html and "<script" not in html
+    assert html.count('src="data:image/png;base64,') == len(names)
+    assert "<table>" in html and "<td>trainer.learning_rate</td>" in html and "<th>learning_rate</th>" in html
+
+    info = plots.summary(study, "eval_loss")
+    assert (info["complete"], info["pruned"], info["failed"]) == (10, 2, 0)
+    assert info["best_value"] == study.best_value and info["importances"] == shares
+
+
+def test_a_study_of_one_trial_still_gets_a_report(cfg, tmp_path):
+    out = tmp_path / "rank_lr"
+    study = make_study(out, n_trials=1, pruned=())
+    path = report.write_report(study, cfg, out)
+    md = path.read_text()
+    assert "too few complete trials" in md and "## Trials (1: 1 complete)" in md
+    assert "![" not in md and not list((out / "plots").glob("*.png"))
+    assert (out / "report.html").exists()
+    assert plots.importances(study) == {} and plots.summary(study, "eval_loss")["best_trial"] == 0
