@@ -3,6 +3,9 @@
 #   make train      set up, then train one LoRA adapter on the embedded default
 #   make test       every test this machine can run (slow included; gpu ones skip without CUDA)
 #   make test-fast  the fast unit tests (under 5 minutes)
+#   make bench      the benchmarks in benchmarks/ (each writes results/bench/<name>.json; run on a quiet
+#                   machine: peer_sweep takes about 25 minutes on a 2-core CPU), then the README's
+#                   performance section generated from those records
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,7 +17,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup sweep train test test-fast clean-cache
+.PHONY: setup sweep train test test-fast bench clean-cache
 
 setup: $(VENV)/.installed
 
@@ -38,6 +41,12 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
+
+# One line per benchmark script (add new ones here).
+bench: setup
+	$(PY) benchmarks/load_time.py
+	$(PY) benchmarks/peer_sweep.py
+	$(PY) benchmarks/readme_section.py
 
 clean-cache:
 	rm -rf $${LORA_SEARCH_CACHE:-$$HOME/.cache/lora_search}

@@ -61,6 +61,9 @@ def load(folder: Path, sweep: dict) -> optuna.Study | None:
         if not db.exists():
             return None
         storage = f"sqlite:///file:{db}?mode=ro&uri=true"
+    # sweep.yaml keeps URLs with the password masked: connect without it, so the driver takes
+    # PGPASSWORD or ~/.pgpass instead.
+    storage = storage.replace(":***@", "@")
     try:
         return optuna.load_study(study_name=sweep.get("name") or folder.name, storage=storage)
     except Exception as e:

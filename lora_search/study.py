@@ -268,7 +268,7 @@ def search_stage(cfg: RunConfig, get_worker, overrides: list[str] = ()) -> optun
         callbacks=[optuna.study.MaxTrialsCallback(cfg.sweep.n_trials, states=FINISHED),
                    progress_callback(cfg, started, done)],
         catch=(RuntimeError, ValueError, LoraSearchError, ArithmeticError),
-        gc_after_trial=True,
+        gc_after_trial=False,  # train_adapter already collects once per trial
     )
     launch.wait(procs)
     return study

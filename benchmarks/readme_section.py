@@ -1,0 +1,144 @@
+"""Print the README's "Performance" section (markdown) from the records in results/bench/*.json.
+
+  .venv/bin/python benchmarks/readme_section.py                 # from results/bench/
+  .venv/bin/python benchmarks/readme_section.py --dir <folder>  # from other records
+
+Each record gets a short heading, its figures (a table or a line) and the machine it ran on. A missing
+folder, a missing or unreadable file, or a record of a kind this script does not know is never an error:
+unknown records are shown as a table of their top-level figures, missing ones are simply absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import _common as common  # noqa: E402
+
+TITLES = {
+    "load_time": "Model load time",
+    "peer_sweep": "LoRA search against its peers",
+    "overhead": "Per-trial overhead",
+    "throughput": "Training throughput",
+    "pruning": "Pruning",
+}
+LABELS = {"handwritten": "hand-written Optuna + TRL recipe", "lora_search": "lora_search",
+          "hf_search": "transformers `hyperparameter_search`"}
+
+
+def _num(value, pattern: str = ".1f", missing: str = "-") -> str:
+    return common.fmt(value, pattern, missing)
+
+
+def render_load_time(rec: dict) -> list[str]:
+    """The embedded model's GGUF conversion against the cached safetensors load."""
+    loads = rec.get("cached_load_s") or []
+    return [f"{rec.get('model', 'model')}: first use (GGUF conversion) {_num(rec.get('gguf_convert_s'))} s; "
+            f"cached safetensors load {_num(rec.get('cached_load_median_s'), '.2f')} s (median of {len(loads)}), "
+            f"{_num(rec.get('speedup'))}x faster."]
+
+
+def _met(flag) -> str:
+    return "met" if flag is True else "not met" if flag is False else "not measured"
+
+
+def render_peer_sweep(rec: dict) -> list[str]:
+    """Three ways to run the same search: wall time, per-trial breakdown, pruning, best losses."""
+    s = rec.get("settings") or {}
+    approaches = rec.get("approaches") or {}
+    hand_wall = (approaches.get("handwritten") or {}).get("wall_s")
+    lines = [
+        f"{s.get('model', rec.get('model', '?'))}, {s.get('trials', '?')} trials of {s.get('max_steps', '?')} steps "
+        f"(eval every {s.get('eval_every', '?')}), batch {s.get('batch_size', '?')}, "
+        f"TPE seed {(s.get('sampler') or {}).get('seed', '?')}; {s.get('train_rows', '?')} train / "
+        f"{s.get('eval_rows', '?')} eval rows; run in the order {', '.join(rec.get('order') or [])}"
+        + (" (quick settings: not representative)" if s.get("quick") else "") + ".",
+        "",
+        "| approach | wall (s) | vs hand-written | per trial: set-up / steps / evals (s) "
+        "| complete / pruned | own best (evaluated on) | best config, full-eval loss | precision |",
+        "| --- | ---: | ---: | --- | --- | --- | ---: | --- |",
+    ]
+    for name, a in approaches.items():
+        label = LABELS.get(name, name)
+        if "error" in a:
+            lines.append(f"| {label} | failed: {a['error'][:80]} | | | | | | |")
+            continue
+        m = a.get("trial_means_s") or {}
+        ratio = f"{a['wall_s'] / hand_wall:.2f}x" if hand_wall and a.get("wall_s") else "-"
+        lines.append(
+            f"| {label} | {_num(a.get('wall_s'))} | {ratio} | {_num(m.get('setup_s'))} / {_num(m.get('train_step_s'))} "
+            f"/ {_num(m.get('eval_s'))} | {a.get('complete', '?')} / {a.get('pruned', '?')} "
+            f"| {_num(a.get('best_value'), '.4f')} ({a.get('objective_on', '?')}) "
+            f"| {_num(a.get('best_full_eval_loss'), '.4f')} | {a.get('precision', '?')} |")
+    t = rec.get("targets") or {}
+    gap = _num(t.get("lora_search_best_loss_vs_handwritten_pct"), "+.1f")
+    lines += ["", f"Targets: lora_search's wall time {_num(t.get('lora_search_wall_vs_handwritten'), '.2f')}x the "
+                  f"hand-written recipe's (target <= {t.get('wall_target_ratio', 0.5)}x: {_met(t.get('wall_met'))}); "
+                  f"its best configuration's full-eval loss {gap}% against the recipe's "
+                  f"(target within {t.get('loss_target_pct', 2.0)}%: {_met(t.get('loss_met'))})."]
+    return lines
+
+
+def _flat(data: dict, prefix: str = "") -> list[tuple[str, object]]:
+    out = []
+    for key, value in data.items():
+        if key in ("provenance", "name") or key.startswith("_"):
+            continue
+        if isinstance(value, dict) and not prefix:
+            out.extend(_flat(value, f"{key}."))
+        elif isinstance(value, (int, float, str, bool)) or value is None:
+            out.append((prefix + key, value))
+        elif isinstance(value, list) and all(isinstance(v, (int, float, str)) for v in value) and len(value) <= 8:
+            out.append((prefix + key, ", ".join(str(v) for v in value)))
+    return out
+
+
+def render_generic(rec: dict) -> list[str]:
+    """A record of a kind not known here: its top-level figures as a table."""
+    rows = _flat(rec)[:30]
+    if not rows:
+        return ["(no figures)"]
+    return ["| figure | value |", "| --- | --- |"] + [f"| {k} | {_num(v, '.4g', str(v))} |" for k, v in rows]
+
+
+RENDERERS = {"load_time": render_load_time, "peer_sweep": render_peer_sweep}
+
+
+def render(records: list[dict], problems: list[str] = (), heading: str = "## Performance") -> str:
+    """The markdown section for these records."""
+    lines = [heading, ""]
+    if not records:
+        lines.append("No benchmark records yet: `make bench` writes them to `results/bench/`.")
+    else:
+        lines.append("Measured by `make bench` (scripts in `benchmarks/`); each figure below comes from the "
+                     "record named in its heading, which also holds every per-trial figure and the package versions.")
+    for rec in records:
+        name = str(rec.get("name"))
+        lines += ["", f"### {TITLES.get(name, name)} (`{rec.get('_file', f'results/bench/{name}.json')}`)", ""]
+        try:
+            lines += RENDERERS.get(name, render_generic)(rec)
+        except Exception:  # a record of an older shape: show what it has
+            lines += render_generic(rec)
+        lines += ["", f"Machine: {common.machine_line(rec.get('provenance'))}."]
+    if problems:
+        lines += ["", "Skipped: " + "; ".join(problems) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> str:
+    """Print the section for the records in --dir (default results/bench/)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dir", default=str(common.BENCH_DIR), help="folder of <name>.json records")
+    a = p.parse_args(argv)
+    records, problems = common.read_records(a.dir)
+    text = render(records, problems)
+    print(text, end="")
+    return text
+
+
+if __name__ == "__main__":
+    main()
