@@ -46,7 +46,7 @@ test-fast: setup
 bench: setup
 	$(PY) benchmarks/load_time.py
 	$(PY) benchmarks/peer_sweep.py
-	$(PY) benchmarks/readme_section.py
+	$(PY) benchmarks/readme_section.py --update README.md
 
 clean-cache:
 	rm -rf $${LORA_SEARCH_CACHE:-$$HOME/.cache/lora_search}

@@ -84,3 +84,15 @@ def test_readme_section_renders_the_records(quick, tmp_path):
 def test_readme_section_without_records(tmp_path):
     text = readme_section.render(*common.read_records(tmp_path / "missing"))
     assert "No benchmark records yet" in text
+
+
+def test_readme_update_replaces_only_the_generated_section(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\n{readme_section.BEGIN}\nold figures\n{readme_section.END}\n\n## After\n")
+    readme_section.update(readme, "## Performance\n\nnew figures\n")
+    text = readme.read_text()
+    assert "old figures" not in text and "new figures" in text
+    assert text.startswith("# Title") and text.endswith("## After\n")
+    (tmp_path / "plain.md").write_text("# No markers\n")
+    with pytest.raises(SystemExit, match="no performance markers"):
+        readme_section.update(tmp_path / "plain.md", "x")
