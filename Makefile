@@ -3,6 +3,7 @@
 #   make train      set up, then train one LoRA adapter on the embedded default
 #   make test       every test this machine can run (slow included; gpu ones skip without CUDA)
 #   make test-fast  the fast unit tests (under 5 minutes)
+#   make dashboard  optuna-dashboard for a study on http://127.0.0.1:8080 (SWEEP=rank_lr)
 #   make bench      the benchmarks in benchmarks/ (each writes results/bench/<name>.json; run on a quiet
 #                   machine: peer_sweep takes about 25 minutes on a 2-core CPU), then the README's
 #                   performance section generated from those records
@@ -16,8 +17,9 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 PYTEST_ARGS ?=
+SWEEP ?= rank_lr
 
-.PHONY: setup sweep train test test-fast bench clean-cache
+.PHONY: setup sweep train test test-fast bench dashboard clean-cache
 
 setup: $(VENV)/.installed
 
@@ -42,10 +44,14 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
 
+dashboard: setup
+	$(PY) -m lora_search dashboard sweep=$(SWEEP)
+
 # One line per benchmark script (add new ones here).
 bench: setup
 	$(PY) benchmarks/load_time.py
 	$(PY) benchmarks/peer_sweep.py
+	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/readme_section.py --update README.md
 
 clean-cache:

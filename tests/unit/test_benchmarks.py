@@ -96,3 +96,20 @@ def test_readme_update_replaces_only_the_generated_section(tmp_path):
     (tmp_path / "plain.md").write_text("# No markers\n")
     with pytest.raises(SystemExit, match="no performance markers"):
         readme_section.update(tmp_path / "plain.md", "x")
+
+
+def test_overhead_probe_times_every_trial_and_finds_no_leaked_adapter_or_optimizer(tmp_path):
+    from benchmarks import overhead
+
+    out = tmp_path / "overhead.json"
+    result = overhead.main(["--quick", "--out", str(out)])
+    written = json.loads(out.read_text())
+    assert written["name"] == "overhead" and written["trials"] == 3 and len(written["per_trial"]) == 3
+    for row in written["per_trial"]:
+        assert row["state"] == "complete" and row["steps"] == 4
+        assert 0 < row["to_first_step_s"] < row["wall_s"] and 0 < row["outside_share"] < 1
+    # Between trials the worker holds no PeftModel, LoRA layer or optimizer: each trial's adapter is gone.
+    assert written["live_objects_between_trials"] and all(
+        (e["peft_models"], e["lora_layers"], e["optimizers"]) == (0, 0, 0) for e in written["live_objects_between_trials"])
+    assert len(written["memory_mb_after_trial"]) == 3 and result["memory_growth"] is not None
+    assert written["provenance"]["machine"]["cores"] >= 1
