@@ -5,8 +5,9 @@ Runs the rank_lr search (W&B offline on, as users run it; no pruner, so every tr
   - time from the trial's start (Optuna's datetime_start, before sampling) to its first optimizer step;
   - the share of the trial's wall time spent outside optimizer steps and the periodic evals the pruner
     reads (set-up, final eval, records, W&B, clean-up): target at most 10%;
-  - the worker's memory after the trial (RSS on CPU, allocated CUDA memory on a GPU) and the live
-    PeftModel, LoRA layer and optimizer objects: growth after 20 trials at most 1% over the first.
+  - the memory the worker holds after the trial (every live tensor's storage on CPU, allocated CUDA
+    memory on a GPU; the RSS beside it) and the live PeftModel, LoRA layer and optimizer objects:
+    growth after 20 trials at most 1% over the first.
 
   .venv/bin/python benchmarks/overhead.py            # embedded SmolLM2, 20 trials -> results/bench/overhead.json
   .venv/bin/python benchmarks/overhead.py --quick    # tiny model, 3 trials (seconds; the tests use it)
@@ -35,14 +36,33 @@ QUICK = ["model=tiny_llama", "data.train_per_task=8", "data.eval_per_task=4", "t
 TARGET_SHARE, TARGET_GROWTH = 0.10, 0.01
 
 
+def rss_mb() -> float:
+    """The process RSS (it includes what the allocator keeps cached: noisy on CPU)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
 def memory_mb() -> float:
-    """The worker's memory: allocated CUDA memory on a GPU, else the process RSS."""
+    """Memory the worker holds in tensors: allocated CUDA memory on a GPU, else every live CPU tensor's storage."""
     import torch
 
     if torch.cuda.is_available():
         return torch.cuda.memory_allocated() / 2**20
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+    storages = {}
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.Tensor) and not obj.is_meta:
+                storage = obj.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+        except Exception:  # noqa: BLE001 - tensor subclasses that refuse; they hold no storage of their own
+            continue
+    return sum(storages.values()) / 2**20
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def live_objects() -> dict:
@@ -64,17 +84,15 @@ def live_objects() -> dict:
 
 
 class Probe:
-    """Wraps the objective's train_adapter: memory and leak checks at each trial's entry, first-step time."""
+    """Wraps the objective's train_adapter: first-step time; memory and leak checks once training returned."""
 
     def __init__(self, train_adapter):
         self.train_adapter, self.entries, self.first_steps, self.probe_s = train_adapter, [], [], []
+        # entries[i]: after trial i's training returned (its adapter detached); probe_s[i]: time spent measuring
 
     def __call__(self, worker, cfg, out_dir, callbacks=(), **kwargs):
         from transformers import TrainerCallback
 
-        t0 = time.perf_counter()
-        self.entries.append({"memory_mb": memory_mb(), **live_objects()})  # what the previous trial left
-        self.probe_s.append(time.perf_counter() - t0)
         probe = self
 
         class FirstStep(TrainerCallback):
@@ -82,7 +100,12 @@ class Probe:
                 if state.global_step == 0:
                     probe.first_steps.append(time.time())
 
-        return self.train_adapter(worker, cfg, out_dir, callbacks=[*callbacks, FirstStep()], **kwargs)
+        try:
+            return self.train_adapter(worker, cfg, out_dir, callbacks=[*callbacks, FirstStep()], **kwargs)
+        finally:  # the adapter and optimizer are gone by now: what is left is what the worker holds
+            t0 = time.perf_counter()
+            self.entries.append({"memory_mb": memory_mb(), "rss_mb": rss_mb(), **live_objects()})
+            self.probe_s.append(time.perf_counter() - t0)
 
 
 def run(trials: int = 20, quick: bool = False, out: Path | str | None = None) -> dict:
@@ -97,10 +120,9 @@ def run(trials: int = 20, quick: bool = False, out: Path | str | None = None) ->
                 pipeline.run(cfg)
         finally:
             study_lib.train_adapter = probe.train_adapter
-        after = {"memory_mb": memory_mb(), **live_objects()}
         study = study_lib.open_study(cfg)
         rows = [_trial_row(t, study_lib.study_dir(cfg), probe, i) for i, t in enumerate(study.trials)]
-    held = [e["memory_mb"] for e in probe.entries[1:]] + [after["memory_mb"]]  # after trial 1, 2, ..., n
+    held = [e["memory_mb"] for e in probe.entries]  # after trial 1, 2, ..., n
     growth = (held[-1] - held[0]) / held[0] if held and held[0] else None
     shares = [r["outside_share"] for r in rows if r["outside_share"] is not None]
     firsts = [r["to_first_step_s"] for r in rows if r["to_first_step_s"] is not None]
@@ -111,7 +133,9 @@ def run(trials: int = 20, quick: bool = False, out: Path | str | None = None) ->
                             "median_later": common.median(firsts[1:]), "max_later": max(firsts[1:], default=None)},
         "outside_share": {"median": common.median(shares), "max": max(shares, default=None)},
         "memory_mb_after_trial": [round(m, 1) for m in held], "memory_growth": growth,
-        "live_objects_between_trials": probe.entries[1:] + [after],
+        "memory_measure": "CUDA memory_allocated" if _cuda() else
+        "bytes of every live tensor storage (process RSS, which includes the allocator's cache, in rss_mb)",
+        "live_objects_between_trials": probe.entries,
         "targets": {"outside_share": TARGET_SHARE, "outside_share_met": bool(shares) and max(shares) <= TARGET_SHARE,
                     "memory_growth": TARGET_GROWTH, "memory_growth_met": growth is not None and growth <= TARGET_GROWTH},
         "per_trial": rows,
@@ -124,7 +148,7 @@ def _trial_row(trial, out: Path, probe: Probe, i: int) -> dict:
     metrics = records.read_json(out / "trials" / f"{trial.number:04d}" / "metrics.json") or {}
     wall = trial.duration.total_seconds() - probe.probe_s[i] if trial.duration else None
     inside = (metrics.get("train_step_s") or 0) + (metrics.get("periodic_eval_s") or 0)
-    first = probe.first_steps[i] - trial.datetime_start.timestamp() - probe.probe_s[i] if i < len(probe.first_steps) \
+    first = probe.first_steps[i] - trial.datetime_start.timestamp() if i < len(probe.first_steps) \
         else None
     return {"number": trial.number, "state": trial.state.name.lower(), "steps": metrics.get("steps"),
             "wall_s": common.rounded(wall), "train_step_s": common.rounded(metrics.get("train_step_s")),

@@ -84,6 +84,33 @@ def render_peer_sweep(rec: dict) -> list[str]:
     return lines
 
 
+def render_overhead(rec: dict) -> list[str]:
+    """Time to the first optimizer step, the share outside steps and pruning evals, memory across trials."""
+    first, share, t = rec.get("to_first_step_s") or {}, rec.get("outside_share") or {}, rec.get("targets") or {}
+    held = rec.get("memory_mb_after_trial") or []
+    leaks = rec.get("live_objects_between_trials") or []
+    clean = all((e.get("peft_models"), e.get("lora_layers"), e.get("optimizers")) == (0, 0, 0) for e in leaks)
+    return [
+        f"{rec.get('model', '?')}, {rec.get('trials', '?')} trials of {rec.get('max_steps', '?')} steps in one worker, "
+        f"W&B {rec.get('tracking', '?')}, no pruner.",
+        "",
+        f"- Trial start to first optimizer step: {_num(first.get('median_later'), '.2f')} s (median; max "
+        f"{_num(first.get('max_later'), '.2f')} s); the first trial {_num(first.get('first_trial'), '.2f')} s "
+        "(it tokenizes the data once for all).",
+        f"- Share of a trial's wall time outside optimizer steps and the pruning evals: median "
+        f"{_num(share.get('median'), '.1%')}, max {_num(share.get('max'), '.1%')} "
+        f"(target <= {t.get('outside_share', 0.1):.0%}: {_met(t.get('outside_share_met'))}).",
+        f"- Worker memory after trial 1 {_num(held[0] if held else None)} MB, after trial {len(held)} "
+        f"{_num(held[-1] if held else None)} MB: {_num(rec.get('memory_growth'), '+.2%')} (target <= "
+        f"{t.get('memory_growth', 0.01):.0%}: {_met(t.get('memory_growth_met'))}); "
+        + ("no PeftModel, LoRA layer or optimizer alive between trials." if leaks and clean
+           else "objects left alive between trials: see the record."),
+        f"  Memory is {rec.get('memory_measure', 'as recorded')}; the process RSS went from "
+        f"{_num(leaks[0].get('rss_mb') if leaks else None)} to {_num(leaks[-1].get('rss_mb') if leaks else None)} MB "
+        "over the same trials.",
+    ]
+
+
 def _flat(data: dict, prefix: str = "") -> list[tuple[str, object]]:
     out = []
     for key, value in data.items():
@@ -106,7 +133,7 @@ def render_generic(rec: dict) -> list[str]:
     return ["| figure | value |", "| --- | --- |"] + [f"| {k} | {_num(v, '.4g', str(v))} |" for k, v in rows]
 
 
-RENDERERS = {"load_time": render_load_time, "peer_sweep": render_peer_sweep}
+RENDERERS = {"load_time": render_load_time, "peer_sweep": render_peer_sweep, "overhead": render_overhead}
 
 
 def render(records: list[dict], problems: list[str] = (), heading: str = "## Performance") -> str:
