@@ -25,6 +25,7 @@ def quick(tmp_path_factory, tiny_cache):
     return result, out
 
 
+@pytest.mark.slow  # runs a benchmark on the tiny model (tens of seconds)
 def test_quick_run_writes_every_approach_with_its_figures(quick):
     result, out = quick
     written = json.loads(out.read_text())
@@ -60,6 +61,7 @@ def test_quick_run_writes_every_approach_with_its_figures(quick):
     assert result["approaches"].keys() == written["approaches"].keys()
 
 
+@pytest.mark.slow  # runs a benchmark on the tiny model (tens of seconds)
 def test_every_approach_samples_the_same_startup_configurations(quick):
     """Same space, names, order and seeded sampler: the random start-up trials are identical across approaches."""
     approaches = quick[0]["approaches"]
@@ -68,9 +70,10 @@ def test_every_approach_samples_the_same_startup_configurations(quick):
         assert [t["params"] for t in approaches[name]["trials"]] == first, name
 
 
+@pytest.mark.slow  # runs a benchmark on the tiny model (tens of seconds)
 def test_readme_section_renders_the_records(quick, tmp_path):
     (tmp_path / "peer_sweep.json").write_text(quick[1].read_text())
-    (tmp_path / "overhead.json").write_text(json.dumps({"name": "overhead", "per_trial_s": 1.5}))
+    (tmp_path / "future.json").write_text(json.dumps({"name": "future", "per_trial_s": 1.5}))  # a kind not known
     (tmp_path / "broken.json").write_text("{not json")
     text = readme_section.main(["--dir", str(tmp_path)])
     assert text.startswith("## Performance")
@@ -98,6 +101,7 @@ def test_readme_update_replaces_only_the_generated_section(tmp_path):
         readme_section.update(tmp_path / "plain.md", "x")
 
 
+@pytest.mark.slow  # runs a benchmark on the tiny model (tens of seconds)
 def test_overhead_probe_times_every_trial_and_finds_no_leaked_adapter_or_optimizer(tmp_path):
     from benchmarks import overhead
 
