@@ -192,4 +192,4 @@ def log_sweep_summary(cfg: RunConfig, out: Path, summary: dict, importances: dic
     log_images(run, plots)
     finish(run, {**{k: v for k, v in summary.items() if k != "best_params"},
                  **{f"best_params/{k}": v for k, v in (summary.get("best_params") or {}).items()},
-                 **{f"importance/{k}": v for k, v in importances.items()}})
+                 **({} if "importances" in summary else {f"importances/{k}": v for k, v in importances.items()})})
