@@ -31,7 +31,7 @@ class Worker:
 
     base: Base
     data: TaskData
-    tokenized: dict = field(default_factory=dict)  # (max_length, packing) -> (train, eval) processed by TRL
+    tokenized: dict = field(default_factory=dict)  # (max_length, packing, format, padding-free) -> (train, eval)
     baseline: dict | None = None  # base model's eval loss and exact match, computed once
 
 
@@ -77,8 +77,30 @@ def final_eval(trainer, cfg: RunConfig, full_eval, evals: dict) -> dict:
     return trainer.evaluate()
 
 
-def sft_config(cfg: RunConfig, out_dir: Path, report_to: list[str]):
-    """TRL's SFTConfig for a run config."""
+# Attention implementations that keep padding-free rows apart by their position_ids (transformers builds a
+# block-diagonal mask for sdpa/eager/flex and passes sequence boundaries to the flash kernels).
+PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")
+
+
+def padding_free(cfg: RunConfig, model) -> bool:
+    """Whether this run batches its rows padding-free (`trainer.padding_free`; auto decides from the model)."""
+    setting = cfg.trainer.padding_free
+    if setting in (True, False):
+        return setting
+    if cfg.trainer.packing:  # TRL's BFD packing is padding-free already
+        return False
+    config = getattr(model, "config", None)
+    attn = str(getattr(config, "_attn_implementation", None) or "")
+    if not (attn in PACKED_ATTENTION or "flash" in attn):
+        return False
+    # Linear-attention and convolution layers (Gated DeltaNet, Mamba, ...) ignore position_ids boundaries.
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    kinds = set(getattr(text, "layer_types", None) or ())
+    return kinds <= {"full_attention", "sliding_attention", "chunked_attention"}
+
+
+def sft_config(cfg: RunConfig, out_dir: Path, report_to: list[str], padding_free: bool = False):
+    """TRL's SFTConfig for a run config (padding_free: rows concatenated per batch, truncated by us)."""
     from trl import SFTConfig
 
     t = cfg.trainer
@@ -96,8 +118,10 @@ def sft_config(cfg: RunConfig, out_dir: Path, report_to: list[str]):
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         max_steps=t.max_steps,
         num_train_epochs=t.num_epochs,
-        max_length=t.max_length,
+        # TRL refuses max_length with padding-free batches unless packing: the rows are truncated by _trainer
+        max_length=None if padding_free and not t.packing else t.max_length,
         packing=t.packing,
+        padding_free=padding_free,
         activation_checkpointing=t.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         bf16=mode == "bf16",
@@ -119,10 +143,24 @@ def sft_config(cfg: RunConfig, out_dir: Path, report_to: list[str]):
     )
 
 
+def truncated(dataset, max_length: int):
+    """Tokenized rows cut to max_length tokens (every per-token column), keeping the start as TRL does."""
+    if dataset is None or "input_ids" not in dataset.column_names:
+        return dataset
+    if max(len(ids) for ids in dataset["input_ids"]) <= max_length:
+        return dataset
+
+    def cut(row):
+        n = len(row["input_ids"])
+        return {k: v[:max_length] for k, v in row.items() if isinstance(v, list) and len(v) == n}
+
+    return dataset.map(cut, desc=f"Truncating to {max_length} tokens")
+
+
 def _trainer(worker: Worker, peft_model, args, cfg: RunConfig, callbacks):
     from trl import SFTTrainer
 
-    key = (cfg.trainer.max_length, cfg.trainer.packing, cfg.data.format)
+    key = (cfg.trainer.max_length, cfg.trainer.packing, cfg.data.format, args.padding_free)
     cached = worker.tokenized.get(key)
     trainer = SFTTrainer(
         model=peft_model,
@@ -133,6 +171,9 @@ def _trainer(worker: Worker, peft_model, args, cfg: RunConfig, callbacks):
         callbacks=list(callbacks),
     )
     if not cached:
+        if args.padding_free and args.max_length is None:
+            trainer.train_dataset = truncated(trainer.train_dataset, cfg.trainer.max_length)
+            trainer.eval_dataset = truncated(trainer.eval_dataset, cfg.trainer.max_length)
         worker.tokenized[key] = (trainer.train_dataset, trainer.eval_dataset)
     full_eval = worker.tokenized[key][1]
     trainer.eval_dataset = full_eval.select(range(min(cfg.trainer.eval_subset, len(full_eval))))
@@ -178,7 +219,7 @@ def _train(worker: Worker, cfg: RunConfig, out_dir: Path, callbacks, report_to, 
     try:
         trainable, total = peft_model.get_nb_trainable_parameters()
         timer = StepTimer()
-        args = sft_config(cfg, out_dir, list(report_to))
+        args = sft_config(cfg, out_dir, list(report_to), padding_free(cfg, worker.base.model))
         trainer, full_eval = _trainer(worker, peft_model, args, cfg, [timer, *callbacks])
         metrics = dict(baseline(worker, cfg, trainer, full_eval, peft_model)) if with_baseline else {}
         evals = timed_evaluate(trainer)  # after the baseline: its eval is not this run's
@@ -218,6 +259,7 @@ def _train(worker: Worker, cfg: RunConfig, out_dir: Path, callbacks, report_to, 
             "periodic_eval_s": periodic_eval_s,  # the evals pruning reads
             "final_eval_s": final_eval_s,
             "exact_match_s": em_s,
+            "padding_free": args.padding_free,
             "eval_rows": len(full_eval) if cfg.trainer.final_eval == "full" else len(trainer.eval_dataset),
         })
         if save:

@@ -100,6 +100,8 @@ def check_trainer(problems: list[str], cfg: RunConfig) -> None:
             problems.append(f"trainer.{key} must be >= 0, got {getattr(t, key)!r}")
     _positive_int(problems, "trainer.eval_subset", t.eval_subset)
     _choice(problems, "trainer.final_eval", t.final_eval, ("full", "subset"))
+    if t.padding_free not in ("auto", True, False):
+        problems.append(f"trainer.padding_free must be auto, true or false, got {t.padding_free!r}")
     _choice(problems, "trainer.precision", t.precision, PRECISIONS)
     _choice(problems, "trainer.lr_scheduler", t.lr_scheduler, [s.value for s in SchedulerType])
     _choice(problems, "trainer.optim", t.optim, [o.value for o in OptimizerNames])

@@ -98,6 +98,7 @@ def test_free_form_dict_keys_are_accepted():
         ("trainer.lr_scheduler=cosinus", "trainer.lr_scheduler must be one of linear, cosine"),
         ("lora.targets=everything", "lora.targets: unknown preset 'everything' for model smollm2_135m; presets: qv, attn"),
         ("trainer.precision=fp8", "trainer.precision must be one of auto, fp32, bf16, fp16; got 'fp8'"),
+        ("trainer.padding_free=yes", "trainer.padding_free must be auto, true or false, got 'yes'"),
     ],
 )
 def test_bad_values_are_named(override, expected):
