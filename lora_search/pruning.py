@@ -18,6 +18,28 @@ class TrialStopped(optuna.TrialPruned):
         super().__init__(reason)
 
 
+def decision_steps(pruner, max_steps: int) -> list[int] | None:
+    """The steps at which the sweep's pruner can decide, when it decides only at some: successive halving and
+    Hyperband promote at their rungs, min_resource * reduction_factor ** k (Hyperband's brackets together
+    cover every k), so an eval between two rungs is never read. The last step is kept (the objective).
+    None for pruners that read every report (median, percentile, none) or a min_resource left to `auto`."""
+    spec = {"type": pruner} if isinstance(pruner, str) else dict(pruner or {})
+    kind = spec.get("type")
+    if kind not in ("successive_halving", "hyperband") or max_steps is None or max_steps <= 0:
+        return None
+    sh = kind == "successive_halving"
+    low = spec.get("min_resource", "auto" if sh else 1)
+    eta = spec.get("reduction_factor", 4 if sh else 3)
+    rate = spec.get("min_early_stopping_rate", 0) if sh else 0
+    if not (isinstance(low, int) and low > 0 and isinstance(eta, int) and eta > 1):
+        return None
+    steps, k = [], rate
+    while low * eta ** k < max_steps:
+        steps.append(low * eta ** k)
+        k += 1
+    return steps + [max_steps]
+
+
 class PruningCallback(TrainerCallback):
     """Report `eval_loss` on the fixed eval subset at every eval; raise TrialStopped when pruned or diverged.
 
@@ -25,12 +47,30 @@ class PruningCallback(TrainerCallback):
     (exact match, say), so the pruner compares trials in the study's direction.
     """
 
-    def __init__(self, trial: optuna.trial.BaseTrial, metric: str = "eval_loss", maximize: bool = False):
+    def __init__(self, trial: optuna.trial.BaseTrial, metric: str = "eval_loss", maximize: bool = False,
+                 pruner=None):
         self.trial = trial
         self.metric = metric
         self.sign = -1.0 if maximize else 1.0
         self.intermediate: list[tuple[int, float]] = []
         self.active = True  # off once training ends: the final full-set eval is not a pruning point
+        self.pruner = pruner  # the sweep's pruner spec: with rungs, periodic evals run at those steps only
+        self.eval_at: set[int] | None = None
+        self.skipped = 0  # periodic evals left out (between rungs)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        from transformers.trainer_utils import IntervalStrategy
+
+        steps = None if args.eval_strategy == IntervalStrategy.NO else decision_steps(self.pruner, state.max_steps)
+        self.eval_at = set(steps) if steps else None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.eval_at is None or not self.active:
+            return
+        wanted = state.global_step in self.eval_at
+        if control.should_evaluate and not wanted:
+            self.skipped += 1
+        control.should_evaluate = wanted
 
     def on_train_end(self, args, state, control, **kwargs):
         self.active = False

@@ -75,8 +75,8 @@ class TrainerConfig:
     max_length: int = 256  # tokens per row after the chat template; longer rows are truncated
     packing: bool = False
     # Rows of a batch concatenated into one sequence, no pad tokens (TRL's padding_free; attention kept
-    # within each row by position_ids). auto: on where the model's attention honours those boundaries
-    # (sdpa, eager, flash, flex on a model without linear-attention layers) and packing is off.
+    # within each row by position_ids). auto: on with a flash-attention kernel (varlen, the real saving) on a
+    # model without linear-attention layers and packing off; true also allows sdpa/eager/flex (block mask).
     padding_free: Any = "auto"  # auto | true | false
     gradient_checkpointing: bool = False
     precision: str = "auto"  # auto (bf16 / fp16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16

@@ -151,7 +151,8 @@ def _record(out: Path, number: int, params: dict, cfg: RunConfig, metrics: dict,
     records.write_json(out / "params.json", params)
     records.write_config(out / "config.yaml", cfg)
     values = [{"step": s, "value": v} for s, v in (cb.intermediate if cb else [])]
-    records.write_json(out / "metrics.json", {**metrics, "intermediate": values})
+    extra = {"evals_skipped": cb.skipped} if cb and cb.eval_at is not None else {}
+    records.write_json(out / "metrics.json", {**metrics, "intermediate": values, **extra})
     records.write_status(out, status, reason, trial=number)
 
 
@@ -180,7 +181,7 @@ def objective_fn(cfg: RunConfig, worker: Worker):
         trial.set_user_attr("worker", worker_id())
         if cfg.sweep.nightly.night:
             trial.set_user_attr("night", cfg.sweep.nightly.night)
-        callback = PruningCallback(trial, "eval_loss", maximize=maximize)
+        callback = PruningCallback(trial, "eval_loss", maximize=maximize, pruner=cfg.sweep.pruner)
         run = tracking.start(trial_cfg, study_dir(cfg), f"trial-{trial.number:04d}", "trial",
                              {"params": params, "trial": trial.number, "worker": worker_id()})
         status, reason, metrics = "failed", "interrupted before the trial finished", {}

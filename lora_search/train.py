@@ -77,13 +77,16 @@ def final_eval(trainer, cfg: RunConfig, full_eval, evals: dict) -> dict:
     return trainer.evaluate()
 
 
-# Attention implementations that keep padding-free rows apart by their position_ids (transformers builds a
-# block-diagonal mask for sdpa/eager/flex and passes sequence boundaries to the flash kernels).
+# Attention implementations that keep padding-free rows apart by their position_ids: transformers builds a
+# block-diagonal mask over the whole flattened batch for sdpa/eager/flex (correct, but attention then costs
+# (sum of lengths)^2, which ate the padding saved: x1.01 on SmolLM2/CPU, benchmarks/throughput.py), and passes
+# sequence boundaries to the flash kernels (varlen: no mask, no padding; the win).
 PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")
 
 
 def padding_free(cfg: RunConfig, model) -> bool:
-    """Whether this run batches its rows padding-free (`trainer.padding_free`; auto decides from the model)."""
+    """Whether this run batches its rows padding-free (`trainer.padding_free`; auto: on with a flash-attention
+    kernel, off otherwise; true forces it wherever the attention keeps rows apart)."""
     setting = cfg.trainer.padding_free
     if setting in (True, False):
         return setting
@@ -91,7 +94,7 @@ def padding_free(cfg: RunConfig, model) -> bool:
         return False
     config = getattr(model, "config", None)
     attn = str(getattr(config, "_attn_implementation", None) or "")
-    if not (attn in PACKED_ATTENTION or "flash" in attn):
+    if "flash" not in attn:
         return False
     # Linear-attention and convolution layers (Gated DeltaNet, Mamba, ...) ignore position_ids boundaries.
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -214,6 +217,9 @@ def train_adapter(worker: Worker, cfg: RunConfig, out_dir: Path, callbacks=(), r
 
 
 def _train(worker: Worker, cfg: RunConfig, out_dir: Path, callbacks, report_to, with_baseline, save, t_start) -> dict:
+    from transformers import set_seed
+
+    set_seed(cfg.trainer.seed)  # the adapter's initial weights: the same params give the same run, whatever ran before
     peft_model = adapters.attach(worker.base.model, cfg.lora, cfg.model)
     trainer = None
     try:

@@ -10,7 +10,7 @@ import pytest
 
 from lora_search import pipeline, runs, study as study_lib, trial as space_lib
 from lora_search.errors import ConfigError
-from lora_search.pruning import PruningCallback, TrialStopped
+from lora_search.pruning import PruningCallback, TrialStopped, decision_steps
 
 SMALL = ["data.train_per_task=24", "data.eval_per_task=6", "++sweep.trial={trainer.max_steps: 8, trainer.eval_every: 2, "
          "trainer.batch_size: 4, trainer.exact_match_items: 4, trainer.max_new_tokens: 8}"]
@@ -94,6 +94,38 @@ def test_pruning_callback_stops_on_nan_and_reports_in_the_study_direction():
     assert study.trials[0].intermediate_values == {3: -2.0}
     with pytest.raises(TrialStopped, match="diverged: training loss nan at step 3"):
         cb.on_log(None, State(), None, logs={"loss": math.nan})
+
+
+@pytest.mark.parametrize("pruner, max_steps, expected", [
+    ({"type": "successive_halving", "min_resource": 2, "reduction_factor": 3}, 12, [2, 6, 12]),
+    ({"type": "successive_halving", "min_resource": 1, "reduction_factor": 2, "min_early_stopping_rate": 1}, 10,
+     [2, 4, 8, 10]),
+    ({"type": "hyperband", "min_resource": 1, "reduction_factor": 3}, 27, [1, 3, 9, 27]),
+    ("hyperband", 5, [1, 3, 5]),
+    ("successive_halving", 12, None),  # min_resource auto: estimated by Optuna, every report kept
+    ({"type": "median", "n_warmup_steps": 2}, 12, None),
+    ("none", 12, None),
+])
+def test_decision_steps_are_the_pruners_rungs(pruner, max_steps, expected):
+    assert decision_steps(pruner, max_steps) == expected
+
+
+def test_successive_halving_trials_evaluate_at_its_rungs_only(make_cfg):
+    cfg = make_cfg(*SMALL, "stage=search", "sweep.n_trials=3", "sweep.pruner=null",
+                   "sweep.pruner={type: successive_halving, min_resource: 2, reduction_factor: 2}",
+                   "++sweep.trial={trainer.max_steps: 8, trainer.eval_every: 1, trainer.batch_size: 4, "
+                   "trainer.exact_match_items: 0, trainer.final_eval: subset}")
+    pipeline.run(cfg)
+    study = study_lib.open_study(cfg)
+    for t in study.trials:
+        reported = sorted(t.intermediate_values)
+        metrics = json.loads((_trials_dir(cfg) / f"{t.number:04d}" / "metrics.json").read_text())
+        assert reported and set(reported) <= {2, 4, 8}, reported  # eval_every=1 would have reported 1..8
+        assert metrics["evals_skipped"] == max(reported) - len(reported)
+    first = study.trials[0]  # alone at every rung: promoted to the end, its objective the step-8 eval
+    assert sorted(first.intermediate_values) == [2, 4, 8] and first.value == first.intermediate_values[8]
+    assert any(t.state == optuna.trial.TrialState.PRUNED for t in study.trials[1:]) or \
+        all(t.value <= first.value for t in study.trials[1:])  # a later trial goes on only by beating it
 
 
 def _trials_dir(cfg):

@@ -191,14 +191,14 @@ def test_padding_free_auto_follows_the_model(make_cfg, tiny_overrides):
     def model(attn, layer_types=None):
         return SimpleNamespace(config=SimpleNamespace(_attn_implementation=attn, layer_types=layer_types))
 
-    assert padding_free(cfg, model("sdpa")) and padding_free(cfg, model("flash_attention_2"))
-    assert padding_free(cfg, model("sdpa", ["sliding_attention", "full_attention"]))
-    assert not padding_free(cfg, model("sdpa", ["linear_attention", "full_attention"]))  # Gated DeltaNet layers
-    assert not padding_free(cfg, model("some_custom_kernel"))
+    assert padding_free(cfg, model("flash_attention_2")) and padding_free(cfg, model("kernels-community/flash-attn3"))
+    assert padding_free(cfg, model("flash_attention_2", ["sliding_attention", "full_attention"]))
+    assert not padding_free(cfg, model("flash_attention_2", ["linear_attention", "full_attention"]))  # Gated DeltaNet
+    assert not padding_free(cfg, model("sdpa"))  # a block mask over the whole batch: no faster than padding
     cfg.trainer.packing = True
-    assert not padding_free(cfg, model("sdpa"))  # TRL's BFD packing is padding-free itself
+    assert not padding_free(cfg, model("flash_attention_2"))  # TRL's BFD packing is padding-free itself
     cfg.trainer.padding_free = True
-    assert padding_free(cfg, model("some_custom_kernel"))  # an explicit setting wins
+    assert padding_free(cfg, model("sdpa"))  # an explicit setting wins
 
 
 def test_padding_free_rows_are_truncated_to_max_length(make_cfg, tiny_overrides, tmp_path):
@@ -211,3 +211,17 @@ def test_padding_free_rows_are_truncated_to_max_length(make_cfg, tiny_overrides,
         assert max(len(ids) for ids in rows["input_ids"]) == 16
         assert all(len(m) == len(ids) for m, ids in zip(rows["labels"], rows["input_ids"]))
     assert metrics["train_tokens"] <= 2 * cfg.trainer.batch_size * 16
+
+
+def test_the_same_params_train_the_same_adapter_whatever_ran_before(worker_and_cfg, tmp_path):
+    worker, cfg = worker_and_cfg
+    cfg.trainer.exact_match_items = 0
+    first = train_adapter(worker, cfg, tmp_path / "a", with_baseline=False)
+    cfg.lora.r = 2
+    train_adapter(worker, cfg, tmp_path / "other", with_baseline=False, save=False)  # moves the RNG on
+    cfg.lora.r = 8
+    again = train_adapter(worker, cfg, tmp_path / "b", with_baseline=False)
+    assert again["eval_loss"] == first["eval_loss"] and again["train_loss_first"] == first["train_loss_first"]
+    a = load_file(tmp_path / "a" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
