@@ -295,10 +295,11 @@ def _combine(runs: list[dict]) -> dict:
     return out
 
 
-def alternate(runners: dict, repeats: int, *args) -> tuple[dict, list[str]]:
+def alternate(runners: dict, repeats: int, *args, combine=None) -> tuple[dict, list[str]]:
     """Run each runner(*args, repeat) `repeats` times, in the given order then reversed, and so on (against
     drift in machine noise); a runner that raises is recorded with its error, the others still run.
-    Returns ({name: figures}, the order they ran in)."""
+    Returns ({name: combine(its runs)}, the order they ran in); combine defaults to the first good run's
+    figures with the median wall time."""
     names = list(runners)
     runs: dict[str, list] = {name: [] for name in names}
     order = []
@@ -312,4 +313,4 @@ def alternate(runners: dict, repeats: int, *args) -> tuple[dict, list[str]]:
                 logging.getLogger("bench").exception("%s failed", name)
                 runs[name].append({"error": f"{type(e).__name__}: {e}",
                                    "traceback": traceback.format_exc(limit=6)[-3000:]})
-    return {name: _combine(runs[name]) for name in names}, order
+    return {name: (combine or _combine)(runs[name]) for name in names}, order

@@ -25,7 +25,7 @@ TITLES = {
     "peer_sweep": "LoRA search against its peers",
     "overhead": "Per-trial overhead",
     "throughput": "Training throughput",
-    "pruning": "Pruning",
+    "pruning": "The same sweep with and without pruning",
 }
 LABELS = {"handwritten": "hand-written Optuna + TRL recipe", "lora_search": "lora_search",
           "hf_search": "transformers `hyperparameter_search`"}
@@ -111,6 +111,48 @@ def render_overhead(rec: dict) -> list[str]:
     ]
 
 
+def _pruner(spec) -> str:
+    spec = {"type": spec} if isinstance(spec, str) else dict(spec or {"type": "?"})
+    kwargs = ", ".join(f"{k} {v}" for k, v in spec.items() if k != "type")
+    return f"{spec.get('type')}" + (f" ({kwargs})" if kwargs else "")
+
+
+def render_pruning(rec: dict) -> list[str]:
+    """The same sweep with and without pruning: compute, steps, trial states and the best value per seed."""
+    s, f, t = rec.get("settings") or {}, rec.get("figures") or {}, rec.get("targets") or {}
+    metric = s.get("metric", "value")
+    lines = [
+        f"{s.get('model', rec.get('model', '?'))}, {s.get('trials', '?')} trials of {s.get('max_steps', '?')} steps "
+        f"per sweep, TPE seeds {', '.join(str(x) for x in s.get('seeds') or []) or '?'}; pruned: "
+        f"{_pruner(s.get('pruner'))} on an eval of {s.get('eval_subset', '?')} rows every {s.get('eval_every', '?')} "
+        "steps; unpruned: no pruner and one eval of the same rows after the last step"
+        + (" (quick settings: not representative)" if s.get("quick") else "") + ".",
+        "",
+        f"| arm | seed | compute (s) | optimizer steps | complete / pruned | best {metric} |",
+        "| --- | ---: | ---: | ---: | --- | ---: |",
+    ]
+    for arm, a in (rec.get("arms") or {}).items():
+        for run in a.get("runs") or []:
+            if "error" in run:
+                lines.append(f"| {arm} | {run.get('seed', '?')} | failed: {str(run['error'])[:80]} | | | |")
+                continue
+            lines.append(f"| {arm} | {run.get('seed', '?')} | {_num(run.get('compute_s'))} | {run.get('steps', '-')} "
+                         f"| {run.get('complete', '?')} / {run.get('pruned', '?')} "
+                         f"| {_num(run.get('best_value'), '.4f')} |")
+    ratio = t.get("compute_ratio", 0.4)
+    bests = f.get("best_values") or {}
+    worst = "highest" if s.get("direction", "minimize") == "minimize" else "lowest"
+    spread = (f"run-to-run spread {_num(f['unpruned_best_spread'], '.4f')}" if f.get("unpruned_best_spread")
+              is not None else "one seed: no run-to-run spread measured")
+    lines += ["", f"Compute: the pruned sweeps used {_num(f.get('compute_ratio'), '.2f')}x the unpruned sweeps' "
+                  f"trial time ({_num(f.get('step_ratio'), '.2f')}x their optimizer steps; target <= {ratio:.2f}x: "
+                  f"{_met(t.get('compute_met'))}).",
+              f"Best {metric}: pruned {', '.join(_num(b, '.4f') for b in bests.get('pruned') or []) or '-'}, "
+              f"unpruned {', '.join(_num(b, '.4f') for b in bests.get('unpruned') or []) or '-'} ({spread}); "
+              f"target, every pruned best no worse than the {worst} unpruned one: {_met(t.get('best_met'))}."]
+    return lines
+
+
 def _flat(data: dict, prefix: str = "") -> list[tuple[str, object]]:
     out = []
     for key, value in data.items():
@@ -133,7 +175,8 @@ def render_generic(rec: dict) -> list[str]:
     return ["| figure | value |", "| --- | --- |"] + [f"| {k} | {_num(v, '.4g', str(v))} |" for k, v in rows]
 
 
-RENDERERS = {"load_time": render_load_time, "peer_sweep": render_peer_sweep, "overhead": render_overhead}
+RENDERERS = {"load_time": render_load_time, "peer_sweep": render_peer_sweep, "overhead": render_overhead,
+             "pruning": render_pruning}
 
 
 def render(records: list[dict], problems: list[str] = (), heading: str = "## Performance") -> str:

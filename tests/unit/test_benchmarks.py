@@ -117,3 +117,155 @@ def test_overhead_probe_times_every_trial_and_finds_no_leaked_adapter_or_optimiz
         (e["peft_models"], e["lora_layers"], e["optimizers"]) == (0, 0, 0) for e in written["live_objects_between_trials"])
     assert len(written["memory_mb_after_trial"]) == 3 and result["memory_growth"] is not None
     assert written["provenance"]["machine"]["cores"] >= 1
+
+
+# ---- pruning: the same sweep with and without pruning ----
+
+@pytest.fixture(scope="module")
+def pruning_quick(tmp_path_factory, tiny_cache):
+    """One --quick run of pruning (tiny model, 4 trials of 4 steps, eval every 2, seed 0): the record written."""
+    from benchmarks import pruning
+
+    out = tmp_path_factory.mktemp("bench") / "pruning.json"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(common, "configure_logging", lambda: None)
+        result = pruning.main(["--quick", "--out", str(out), "--cache-dir", tiny_cache])
+    written = json.loads(out.read_text())
+    assert written == json.loads(json.dumps(result))
+    return written
+
+
+@pytest.mark.slow  # runs a benchmark on the tiny model (tens of seconds)
+def test_pruning_quick_run_records_both_arms_trial_by_trial(pruning_quick):
+    rec = pruning_quick
+    assert rec["name"] == "pruning" and rec["order"] == ["pruned", "unpruned"]
+    s = rec["settings"]
+    assert (s["model"], s["trials"], s["max_steps"], s["eval_every"], s["seeds"], s["quick"]) == \
+        ("tiny_llama", 4, 4, 2, [0], True)
+    assert s["pruner"] == {"type": "successive_halving", "min_resource": 2, "reduction_factor": 3}
+    assert s["sampler"]["type"] == "tpe" and set(s["space"]) == SPACE and s["direction"] == "minimize"
+    assert "sweep.pruner=none" in s["overrides"]["unpruned"] and "tracking=none" in s["overrides"]["pruned"]
+    for arm in ("pruned", "unpruned"):
+        (run,) = rec["arms"][arm]["runs"]
+        assert "error" not in run, (arm, run.get("error"))
+        assert run["seed"] == 0 and run["n_trials"] == 4 and len(run["trials"]) == 4, arm
+        assert run["complete"] + run["pruned"] == 4 and run["failed"] == 0, arm
+        assert run["wall_s"] > run["compute_s"] > 0, arm  # the wall time also holds the model load
+        assert run["compute_s"] == pytest.approx(sum(t["seconds"] for t in run["trials"]), abs=0.01), arm
+        assert run["steps"] == sum(t["steps"] for t in run["trials"]), arm
+        complete = [t for t in run["trials"] if t["state"] == "complete"]
+        assert run["best_value"] == min(t["value"] for t in complete), arm
+        assert set(run["best_params"]) == SPACE, arm
+        for t in run["trials"]:
+            assert t["seconds"] > 0 and set(t["params"]) == SPACE, (arm, t)
+            if t["state"] == "complete":
+                assert t["steps"] == 4 and math.isfinite(t["value"]), (arm, t)
+    unpruned = rec["arms"]["unpruned"]["runs"][0]
+    # No pruner and no intermediate evals: nothing reported, every trial whole, nothing spent on periodic evals.
+    assert unpruned["pruned"] == 0 and unpruned["reports"] == 0 and unpruned["steps"] == 16
+    assert all(t["reports"] == 0 and t["periodic_eval_s"] == 0 for t in unpruned["trials"])
+    pruned = rec["arms"]["pruned"]["runs"][0]
+    for t in pruned["trials"]:  # an eval every 2 steps, each reported; a pruned trial stops at the report
+        assert t["reports"] == t["steps"] // 2 >= 1, t
+        assert [step for step, _ in t["intermediate"]] == [2, 4][:t["reports"]], t
+        if t["state"] == "pruned":  # stopped at the first rung (step 2); Optuna keeps its last report as value
+            assert t["steps"] == 2 and t["value"] == t["intermediate"][-1][1], t
+    assert pruned["pruned"] >= 1 and pruned["steps"] < unpruned["steps"]  # successive halving stopped one early
+    # The sampler's start-up trials are the same configurations in both arms (same seed, same space).
+    assert [t["params"] for t in pruned["trials"]] == [t["params"] for t in unpruned["trials"]]
+    assert rec["figures"]["same_params"]["trials"] == pruned["complete"]
+
+
+@pytest.mark.slow  # runs a benchmark on the tiny model (tens of seconds)
+def test_pruning_figures_follow_from_the_per_seed_rows(pruning_quick):
+    rec = pruning_quick
+    f, t = rec["figures"], rec["targets"]
+    runs = {arm: rec["arms"][arm]["runs"] for arm in ("pruned", "unpruned")}
+    compute = {arm: sum(r["compute_s"] for r in rows) for arm, rows in runs.items()}
+    steps = {arm: sum(r["steps"] for r in rows) for arm, rows in runs.items()}
+    assert f["seeds_compared"] == [0]
+    assert f["compute_ratio"] == pytest.approx(compute["pruned"] / compute["unpruned"], abs=1e-3)
+    assert f["step_ratio"] == pytest.approx(steps["pruned"] / steps["unpruned"], abs=1e-3)
+    assert (f["pruned_steps"], f["unpruned_steps"]) == (steps["pruned"], steps["unpruned"])
+    assert rec["arms"]["pruned"]["compute_s"] == pytest.approx(compute["pruned"], abs=0.01)
+    bests = {arm: [r["best_value"] for r in rows] for arm, rows in runs.items()}
+    assert f["best_values"] == bests and f["unpruned_best_worst"] == max(bests["unpruned"])
+    assert f["unpruned_best_spread"] is None  # one seed: no spread measured
+    assert f["best_gap_per_seed"] == [pytest.approx(bests["pruned"][0] - bests["unpruned"][0])]
+    assert t["compute_ratio"] == 0.4 and t["compute_met"] == (f["compute_ratio"] <= 0.4)
+    assert t["best_met"] == (bests["pruned"][0] <= bests["unpruned"][0])
+    assert t["met"] == (t["compute_met"] and t["best_met"])
+    machine = rec["provenance"]["machine"]
+    assert machine["cpu"] and machine["cores"] >= 1 and rec["provenance"]["packages"]["optuna"]
+    assert rec["wall_s"] >= compute["pruned"] + compute["unpruned"]
+
+
+def test_pruning_figures_and_targets_from_rows():
+    """Ratios over the seeds both arms finished; a pruned best within the unpruned repeats meets the target."""
+    from benchmarks import pruning
+
+    def run(seed, compute, steps, best, trials=()):
+        return {"seed": seed, "compute_s": compute, "steps": steps, "best_value": best, "trials": list(trials)}
+
+    same = {"lora.r": 8}
+    runs = {"pruned": [run(0, 30.0, 40, 1.10, [{"state": "complete", "params": same, "value": 1.5}]),
+                       run(1, 20.0, 30, 1.25), {"seed": 2, "error": "RuntimeError: boom"}],
+            "unpruned": [run(0, 100.0, 192, 1.20, [{"state": "complete", "params": same, "value": 1.25}]),
+                         run(1, 100.0, 192, 1.05), run(2, 100.0, 192, 1.0)]}
+    f, t = pruning.figures(runs, "minimize")
+    assert f["seeds_compared"] == [0, 1] and f["compute_ratio"] == 0.25
+    assert f["step_ratio"] == pytest.approx(70 / 384, abs=1e-4)
+    assert f["unpruned_best_spread"] == pytest.approx(0.15) and f["unpruned_best_worst"] == 1.20
+    assert f["same_params"] == {"trials": 1, "max_value_diff": 0.25}
+    assert t["compute_met"] and not t["best_met"] and not t["met"]  # 1.25 is worse than the worst unpruned 1.20
+    runs["pruned"][1]["best_value"] = 1.2
+    assert pruning.figures(runs, "minimize")[1]["met"]
+    # maximize: higher is better, so the worst unpruned repeat is the lowest
+    f, t = pruning.figures(runs, "maximize")
+    assert f["unpruned_best_worst"] == 1.05 and t["best_met"]
+    runs["pruned"][0]["best_value"] = None  # a seed whose pruned sweep completed no trial
+    assert not pruning.figures(runs, "maximize")[1]["best_met"]
+
+
+def test_pruning_pruner_option_composes_to_exactly_that_pruner():
+    from benchmarks import pruning
+    from lora_search.compose import load_config
+
+    spec = pruning.parse_pruner(pruning.PRUNER)
+    assert spec == {"type": "successive_halving", "min_resource": 2, "reduction_factor": 3}
+    cfg = load_config(["sweep=rank_lr", *pruning.pruner_overrides(spec)])
+    assert cfg.sweep.pruner == spec  # replaced, not merged with the sweep file's median settings
+    json_spec = pruning.parse_pruner('{"type": "hyperband", "min_resource": 1, "reduction_factor": 3}')
+    assert load_config(["sweep=rank_lr", *pruning.pruner_overrides(json_spec)]).sweep.pruner == json_spec
+    assert load_config(["sweep=rank_lr", *pruning.pruner_overrides("median")]).sweep.pruner == "median"
+    with pytest.raises(ValueError, match="--pruner"):
+        pruning.parse_pruner("[1, 2]")
+    with pytest.raises(SystemExit):
+        pruning.main(["--quick", "--pruner", "{min_resource: 2}"])  # no type: refused before anything runs
+
+
+def test_readme_section_renders_a_pruning_record(tmp_path):
+    arm = {"runs": [{"seed": 0, "compute_s": 61.2, "steps": 58, "complete": 3, "pruned": 13, "best_value": 1.2345},
+                    {"seed": 1, "error": "RuntimeError: out of memory"}]}
+    rec = {"name": "pruning", "model": "smollm2_135m",
+           "settings": {"model": "smollm2_135m", "trials": 16, "max_steps": 12, "eval_every": 2, "eval_subset": 32,
+                        "seeds": [0, 1], "metric": "eval_loss", "direction": "minimize", "quick": False,
+                        "pruner": {"type": "successive_halving", "min_resource": 2, "reduction_factor": 3}},
+           "arms": {"pruned": arm, "unpruned": {"runs": [{"seed": 0, "compute_s": 204.0, "steps": 192, "complete": 16,
+                                                          "pruned": 0, "best_value": 1.2299}]}},
+           "figures": {"compute_ratio": 0.3, "step_ratio": 0.302, "best_values": {"pruned": [1.2345],
+                                                                                  "unpruned": [1.2299]},
+                       "unpruned_best_spread": None},
+           "targets": {"compute_ratio": 0.4, "compute_met": True, "best_met": False}}
+    (tmp_path / "pruning.json").write_text(json.dumps(rec))
+    text = readme_section.main(["--dir", str(tmp_path)])
+    assert "### The same sweep with and without pruning (" in text
+    assert "successive_halving (min_resource 2, reduction_factor 3) on an eval of 32 rows every 2 steps" in text
+    assert "| arm | seed | compute (s) | optimizer steps | complete / pruned | best eval_loss |" in text
+    assert "| pruned | 0 | 61.2 | 58 | 3 / 13 | 1.2345 |" in text
+    assert "| pruned | 1 | failed: RuntimeError: out of memory | | | |" in text
+    assert "| unpruned | 0 | 204.0 | 192 | 16 / 0 | 1.2299 |" in text
+    assert "0.30x the unpruned sweeps' trial time (0.30x their optimizer steps; target <= 0.40x: met)" in text
+    assert "pruned 1.2345, unpruned 1.2299 (one seed: no run-to-run spread measured)" in text
+    assert "no worse than the highest unpruned one: not met." in text
+    assert "| figure | value |" not in text  # its own renderer, not the generic table
