@@ -52,6 +52,7 @@ bench: setup
 	$(PY) benchmarks/load_time.py
 	$(PY) benchmarks/peer_sweep.py
 	$(PY) benchmarks/overhead.py
+	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/pruning.py
 	$(PY) benchmarks/readme_section.py --update README.md
 

@@ -121,11 +121,15 @@ def render_pruning(rec: dict) -> list[str]:
     """The same sweep with and without pruning: compute, steps, trial states and the best value per seed."""
     s, f, t = rec.get("settings") or {}, rec.get("figures") or {}, rec.get("targets") or {}
     metric = s.get("metric", "value")
+    reported = sorted({step for a in ((rec.get("arms") or {}).get("pruned") or {}).get("runs") or []
+                       for t in a.get("trials") or [] for step, _ in t.get("intermediate") or []})
+    cadence = (f"at steps {', '.join(str(x) for x in reported)}" if reported
+               else f"every {s.get('eval_every', '?')} steps")
     lines = [
         f"{s.get('model', rec.get('model', '?'))}, {s.get('trials', '?')} trials of {s.get('max_steps', '?')} steps "
         f"per sweep, TPE seeds {', '.join(str(x) for x in s.get('seeds') or []) or '?'}; pruned: "
-        f"{_pruner(s.get('pruner'))} on an eval of {s.get('eval_subset', '?')} rows every {s.get('eval_every', '?')} "
-        "steps; unpruned: no pruner and one eval of the same rows after the last step"
+        f"{_pruner(s.get('pruner'))} on an eval of {s.get('eval_subset', '?')} rows {cadence}; "
+        "unpruned: no pruner and one eval of the same rows after the last step"
         + (" (quick settings: not representative)" if s.get("quick") else "") + ".",
         "",
         f"| arm | seed | compute (s) | optimizer steps | complete / pruned | best {metric} |",
@@ -175,8 +179,47 @@ def render_generic(rec: dict) -> list[str]:
     return ["| figure | value |", "| --- | --- |"] + [f"| {k} | {_num(v, '.4g', str(v))} |" for k, v in rows]
 
 
+def render_throughput(rec: dict) -> list[str]:
+    """Tokens/s and peak memory per arm, the ratio against plain TRL, and what each choice is worth."""
+    s, arms = rec.get("settings") or {}, rec.get("arms") or {}
+    lines = [
+        f"{rec.get('model', '?')}, one trial of {s.get('steps', '?')} steps (batch {s.get('batch_size', '?')}, "
+        f"r {(s.get('params') or {}).get('lora.r', '?')} on {(s.get('params') or {}).get('lora.targets', '?')}), "
+        f"each arm in its own process, {s.get('repeats', '?')} runs in alternating order (median shown); tokens/s "
+        f"counts non-padding tokens over optimizer steps after the first {s.get('skip_steps', '?')}"
+        + (" (quick settings: not representative)" if rec.get("quick") else "") + ".",
+        "",
+        "| arm | tokens/s (runs) | peak memory MB | evals per trial | eval s per trial | precision |"
+        + (" MFU |" if rec.get("gpu") else ""),
+        "|---|---|---|---|---|---|" + ("---|" if rec.get("gpu") else ""),
+    ]
+    for name, a in arms.items():
+        if "error" in a and a.get("tokens_per_s") is None:
+            lines.append(f"| {name} | failed: {str(a['error'])[:80]} | | | | |" + (" |" if rec.get("gpu") else ""))
+            continue
+        runs = ", ".join(_num(x, ".0f") for x in a.get("tokens_per_s_runs") or [])
+        lines.append(
+            f"| {name}: {a.get('what', '')} | {_num(a.get('tokens_per_s'), '.1f')} ({runs}) | "
+            f"{_num(a.get('peak_memory_mb'), '.0f')} | {a.get('evals', '-')} x {a.get('eval_rows', '-')} rows | "
+            f"{_num(a.get('eval_s'), '.1f')} | {a.get('precision', '-')} |"
+            + (f" {_num(a.get('mfu'), '.1%')} |" if rec.get("gpu") else ""))
+    lines.append("")
+    for key, r in (rec.get("ratios") or {}).items():
+        ours, peer = key.split("_vs_")
+        lines.append(f"- {ours} against {peer}: tokens/s x{_num(r.get('tokens_per_s'), '.2f')} (target >= "
+                     f"{r.get('target', '?')}: {_met(r.get('met'))}), peak memory x{_num(r.get('peak_memory'), '.2f')}.")
+    for gain, g in (rec.get("gains") or {}).items():
+        if "eval_s" in g:
+            lines.append(f"- {gain}: x{_num(g.get('speedup'), '.2f')} less eval time ({g.get('what', '')}).")
+        else:
+            state = "taken" if g.get("taken", True) else "not taken by default here"
+            lines.append(f"- {gain} ({state}): x{_num(g.get('speedup'), '.2f')} tokens/s "
+                         f"({' vs '.join(_num(x, '.1f') for x in g.get('tokens_per_s_with_without') or [])}).")
+    return lines
+
+
 RENDERERS = {"load_time": render_load_time, "peer_sweep": render_peer_sweep, "overhead": render_overhead,
-             "pruning": render_pruning}
+             "pruning": render_pruning, "throughput": render_throughput}
 
 
 def render(records: list[dict], problems: list[str] = (), heading: str = "## Performance") -> str:

@@ -33,3 +33,22 @@ def test_training_on_gpu_keeps_the_base_and_learns(make_cfg, tiny_overrides, tmp
     assert metrics["eval_loss"] < metrics["base_eval_loss"]
     assert models.checksum(worker.base.model) == before
     assert metrics["peak_memory_mb"] > 0
+
+
+def test_throughput_benchmark_on_the_gpu_reports_mfu_for_bf16_and_nf4(tmp_path, tiny_cache):
+    """benchmarks/throughput.py's GPU arms on the tiny model: every arm trains the same tokens, MFU is known."""
+    import json
+
+    from benchmarks import throughput
+
+    out = tmp_path / "throughput.json"
+    throughput.main(["--quick", "--out", str(out), "--cache-dir", tiny_cache])
+    rec = json.loads(out.read_text())
+    arms = rec["arms"]
+    assert rec["gpu"] and set(arms) == set(throughput.GPU_ARMS)
+    assert all("error" not in a for a in arms.values()), {k: a.get("error") for k, a in arms.items()}
+    assert len({a["tokens"] for a in arms.values()}) == 1
+    assert arms["lora_search_nf4"]["quant"] == "nf4" and arms["trl_nf4"]["quant"] == "nf4"
+    if throughput.peak_flops(torch.cuda.get_device_name()):
+        assert all(0 < a["mfu"] < 1 for a in arms.values())
+    assert {"lora_search_vs_trl", "lora_search_nf4_vs_trl_nf4"} <= set(rec["ratios"])

@@ -269,3 +269,89 @@ def test_readme_section_renders_a_pruning_record(tmp_path):
     assert "pruned 1.2345, unpruned 1.2299 (one seed: no run-to-run spread measured)" in text
     assert "no worse than the highest unpruned one: not met." in text
     assert "| figure | value |" not in text  # its own renderer, not the generic table
+    # the evals the pruned trials actually reported (at the pruner's rungs) are what the text names
+    arm["runs"][0]["trials"] = [{"intermediate": [[2, 2.7], [6, 1.9], [12, 1.4]]}, {"intermediate": [[2, 2.8]]}]
+    (tmp_path / "pruning.json").write_text(json.dumps(rec))
+    assert "on an eval of 32 rows at steps 2, 6, 12;" in readme_section.main(["--dir", str(tmp_path)])
+
+
+# ---- throughput: a lora_search trial against a plain TRL script ----
+
+@pytest.fixture(scope="module")
+def throughput_quick(tmp_path_factory, tiny_cache):
+    """One --quick run of throughput (tiny model, 4 steps, every CPU arm once, each in its own process)."""
+    from benchmarks import throughput
+
+    out = tmp_path_factory.mktemp("bench") / "throughput.json"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(common, "configure_logging", lambda: None)
+        throughput.main(["--quick", "--out", str(out), "--cache-dir", tiny_cache])
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow  # five arms, each a fresh process (about a minute)
+def test_throughput_quick_run_trains_the_same_tokens_in_every_arm(throughput_quick):
+    from benchmarks import throughput
+
+    rec = throughput_quick
+    arms = rec["arms"]
+    assert set(arms) == set(throughput.CPU_ARMS) and sorted(rec["order"]) == sorted(throughput.CPU_ARMS)
+    assert all("error" not in a for a in arms.values()), {k: a.get("error") for k, a in arms.items()}
+    assert len({a["tokens"] for a in arms.values()}) == 1 and arms["trl"]["tokens"] > 0  # the same work
+    assert all(a["steps"] == rec["settings"]["steps"] and a["tokens_per_s"] > 0 for a in arms.values())
+    assert all(a["peak_memory_mb"] > 0 and a["trainable_params"] == arms["trl"]["trainable_params"]
+               for a in arms.values())
+    # each ablation flips exactly what it names
+    assert arms["padding_free"]["padding_free"] and not arms["lora_search"]["padding_free"]
+    assert arms["threads1"]["torch_threads"] == 1 and arms["fp32"]["precision"] == "fp32"
+    assert not arms["trl"]["padding_free"] and arms["trl"]["eval_rows"] > arms["lora_search"]["eval_rows"]
+    assert arms["trl"]["evals"] == arms["lora_search"]["evals"] == 2
+    ratio = rec["ratios"]["lora_search_vs_trl"]
+    assert ratio["tokens_per_s"] == pytest.approx(arms["lora_search"]["tokens_per_s"] / arms["trl"]["tokens_per_s"],
+                                                  rel=1e-3)
+    assert ratio["met"] == (ratio["tokens_per_s"] >= throughput.TARGET_CPU)
+    fp32 = rec["gains"]["bf16 autocast"]
+    assert fp32["taken"] and fp32["speedup"] == pytest.approx(
+        arms["lora_search"]["tokens_per_s"] / arms["fp32"]["tokens_per_s"], rel=1e-3)
+    assert not rec["gains"]["padding-free batches"]["taken"]
+    assert rec["provenance"]["machine"]["cores"] and rec["provenance"]["packages"]["trl"]
+    assert "Training throughput" in readme_section.render([rec])
+
+
+def test_throughput_figures():
+    from benchmarks import throughput
+
+    assert throughput.peak_flops("NVIDIA H100 80GB HBM3") == 989.4e12
+    assert throughput.peak_flops("NVIDIA H100 PCIe") == 756.0e12
+    assert throughput.peak_flops("NVIDIA H200") == 989.4e12 and throughput.peak_flops("Tesla T4") is None
+    assert throughput.lora_flops_per_token(1_000, 10) == 4_060
+    figs = throughput.step_figures([(2.0, 100), (1.0, 100), (1.0, 300)], skip=1)
+    assert figs["tokens"] == 500 and figs["tokens_per_s_all"] == 125.0 and figs["tokens_per_s"] == 200.0
+    arms = {"trl": {"tokens_per_s": 100.0, "peak_memory_mb": 1000.0, "eval_s": 9.0, "evals": 2, "eval_rows": 100},
+            "lora_search": {"tokens_per_s": 120.0, "peak_memory_mb": 900.0, "eval_s": 3.0, "evals": 2, "eval_rows": 32},
+            "fp32": {"tokens_per_s": 80.0}, "padding_free": {"tokens_per_s": 90.0}}
+    out = throughput.summarize(arms, gpu=False)
+    assert out["ratios"]["lora_search_vs_trl"] == {"tokens_per_s": 1.2, "peak_memory": 0.9, "eval_s_per_trial": [3.0, 9.0],
+                                                    "target": 1.0, "met": True}
+    assert out["gains"]["bf16 autocast"]["speedup"] == 1.5 and out["gains"]["bf16 autocast"]["taken"]
+    assert out["gains"]["padding-free batches"]["speedup"] == 0.75  # forcing it on would cost 25%
+    assert out["gains"]["cheaper evals"]["speedup"] == 3.0
+    assert not throughput.summarize(arms, gpu=True)["ratios"]["lora_search_vs_trl"]["met"]  # 1.2 < 1.3 on a GPU
+
+
+def test_throughput_counts_matmul_params_without_embeddings(make_cfg, tiny_overrides):
+    from benchmarks import throughput
+    from lora_search import runs
+
+    model = runs.start_worker(make_cfg(*tiny_overrides)).base.model
+    total = sum(p.numel() for p in model.parameters())
+    emb = model.get_input_embeddings().weight.numel()
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert throughput.matmul_params(model) == (total if tied else total - emb)
+
+
+def test_throughput_refuses_an_unknown_arm():
+    from benchmarks import throughput
+
+    with pytest.raises(SystemExit, match="--arms: unknown warp; known: trl, lora_search"):
+        throughput.run(arms=["lora_search", "warp"], repeats=1)
