@@ -185,7 +185,7 @@ def render_throughput(rec: dict) -> list[str]:
     lines = [
         f"{rec.get('model', '?')}, one trial of {s.get('steps', '?')} steps (batch {s.get('batch_size', '?')}, "
         f"r {(s.get('params') or {}).get('lora.r', '?')} on {(s.get('params') or {}).get('lora.targets', '?')}), "
-        f"each arm in its own process, {s.get('repeats', '?')} runs in alternating order (median shown); tokens/s "
+        f"each arm in its own process, {s.get('repeats', '?')} runs in alternating order (the median run shown, the faster of two); tokens/s "
         f"counts non-padding tokens over optimizer steps after the first {s.get('skip_steps', '?')}"
         + (" (quick settings: not representative)" if rec.get("quick") else "") + ".",
         "",

@@ -179,6 +179,8 @@ def arm_config(spec: dict, arm: str, work: Path):
     cfg = load_config(["sweep=rank_lr", f"results_dir={work}", "tracking=none", *spec["overrides"],
                        *ARMS[arm]["overrides"]])
     budget = {"trainer.max_steps": spec["steps"], "trainer.eval_every": spec["eval_every"]}
+    if spec.get("eval_subset"):
+        budget["trainer.eval_subset"] = spec["eval_subset"]
     return common.trial_config(common.trial_base(cfg), {**PARAMS, **budget})
 
 
@@ -187,6 +189,16 @@ def _cuda_sync():
 
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def _precision(cfg, dtype) -> str:
+    """lora_search's precision for a config, worded as precision_label words a TrainingArguments'."""
+    from types import SimpleNamespace
+
+    from lora_search import hardware
+
+    mode = hardware.precision(cfg.trainer.precision)
+    return common.precision_label(SimpleNamespace(bf16=mode == "bf16", fp16=mode == "fp16"), dtype)
 
 
 def run_ours(cfg, work: Path, skip: int) -> dict:
@@ -208,7 +220,7 @@ def run_ours(cfg, work: Path, skip: int) -> dict:
             "eval_loss": m["eval_loss"], "train_loss_first": m["train_loss_first"],
             "train_loss_last": m["train_loss_last"], "padding_free": m.get("padding_free"),
             "trainable_params": m["trainable_params"], "matmul_params": matmul_params(worker.base.model),
-            "precision": train.hardware.precision(cfg.trainer.precision), "torch_threads": common.torch_threads(),
+            "precision": _precision(cfg, worker.base.model.dtype), "torch_threads": common.torch_threads(),
             "model_dtype": str(worker.base.model.dtype).replace("torch.", ""), "quant": cfg.quant.mode}
 
 
@@ -312,7 +324,8 @@ def spawn(arm: str, spec: dict, folder: Path, repeat: int) -> dict:
 
 
 def _median_row(runs: list[dict]) -> dict:
-    """An arm over its repeats: the run with the median tokens/s, with every run's tokens/s and memory."""
+    """An arm over its repeats: the run with the median tokens/s (the upper one of an even count), with every
+    run's tokens/s and memory."""
     good = [r for r in runs if "error" not in r]
     if not good:
         return {"error": runs[0].get("error")}
@@ -373,7 +386,8 @@ def run(model: str | None = None, arms: list[str] | None = None, repeats: int = 
     overrides = list(MODELS[model]) + ([f"trainer.batch_size={batch_size}"] if batch_size else []) + \
         ([f"cache_dir={cache_dir}"] if cache_dir else [])
     steps = steps or (4 if quick else 10)
-    spec = {"overrides": overrides, "steps": steps, "eval_every": max(1, steps // 2), "skip_steps": skip_steps}
+    spec = {"overrides": overrides, "steps": steps, "eval_every": max(1, steps // 2), "skip_steps": skip_steps,
+            "eval_subset": 8 if quick else None}  # quick: tiny eval set of 16 rows, subset smaller still
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
         runners = {arm: (lambda spec_, r, arm=arm: spawn(arm, spec_, Path(tmp), r)) for arm in arms}
         with common.Stopwatch() as total:

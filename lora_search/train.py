@@ -7,7 +7,6 @@ sweep pays for loading and tokenizing once.
 
 from __future__ import annotations
 
-import gc
 import logging
 import math
 import time
@@ -279,6 +278,4 @@ def _train(worker: Worker, cfg: RunConfig, out_dir: Path, callbacks, report_to, 
         worker.base.model = adapters.detach(peft_model)
         worker.base.model.eval()
         del peft_model
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        hardware.release_memory()

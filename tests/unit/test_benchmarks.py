@@ -303,7 +303,7 @@ def test_throughput_quick_run_trains_the_same_tokens_in_every_arm(throughput_qui
                for a in arms.values())
     # each ablation flips exactly what it names
     assert arms["padding_free"]["padding_free"] and not arms["lora_search"]["padding_free"]
-    assert arms["threads1"]["torch_threads"] == 1 and arms["fp32"]["precision"] == "fp32"
+    assert arms["threads1"]["torch_threads"] == 1 and arms["fp32"]["precision"] == "float32"
     assert not arms["trl"]["padding_free"] and arms["trl"]["eval_rows"] > arms["lora_search"]["eval_rows"]
     assert arms["trl"]["evals"] == arms["lora_search"]["evals"] == 2
     ratio = rec["ratios"]["lora_search_vs_trl"]
