@@ -78,7 +78,8 @@ def final_eval(trainer, cfg: RunConfig, full_eval, evals: dict) -> dict:
 
 # Attention implementations that keep padding-free rows apart by their position_ids: transformers builds a
 # block-diagonal mask over the whole flattened batch for sdpa/eager/flex (correct, but attention then costs
-# (sum of lengths)^2, which ate the padding saved: x1.01 on SmolLM2/CPU, benchmarks/throughput.py), and passes
+# (sum of lengths)^2, which ate the padding saved: x0.98-1.06 on SmolLM2/CPU, within run-to-run noise, in
+# benchmarks/throughput.py), and passes
 # sequence boundaries to the flash kernels (varlen: no mask, no padding; the win).
 PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")
 
