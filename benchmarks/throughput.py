@@ -116,6 +116,8 @@ def lora_flops_per_token(base_matmul_params: int, lora_params: int) -> int:
 
 def matmul_params(model) -> int:
     """Parameters of the base that take part in matmuls: everything but the input embeddings (and LoRA)."""
+    import torch
+
     emb = model.get_input_embeddings()
     skip = {id(p) for p in emb.parameters()} if emb is not None else set()
     out = model.get_output_embeddings()
@@ -125,7 +127,7 @@ def matmul_params(model) -> int:
         if "lora_" in name or (id(p) in skip and not tied):
             continue
         n = p.numel()
-        if getattr(p, "quant_state", None) is not None or p.dtype == __import__("torch").uint8:
+        if getattr(p, "quant_state", None) is not None or p.dtype == torch.uint8:
             n *= 2  # a 4-bit weight is stored two values per byte
         total += n
     return total
