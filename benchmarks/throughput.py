@@ -11,6 +11,8 @@ Arms, each in its own process (so its peak memory is its own), in alternating or
   ablations    lora_search with one choice flipped, to record what that choice is worth:
     padding_free trainer.padding_free=true (forced on: with sdpa, a block mask over the whole batch)
     padded       trainer.padding_free=false (where auto turned it on: flash attention)
+    full_lm_head trainer.compact_lm_head=false (TRL's fused LM head over every position, as TRL runs it
+                 where Triton does not: CPU; on CUDA TRL already scores the completion positions only)
     fp32         trainer.precision=fp32 (no bf16 autocast; CPU: bf16 is used where it has AVX512-BF16/AMX)
     threads1     trainer.num_threads=1 (torch's default is one thread per core)
 
@@ -68,6 +70,9 @@ ARMS = {
                      "undo": False},
     "padded": {"runner": "ours", "overrides": ["trainer.padding_free=false"],
                "what": "lora_search with padded batches", "gain": "padding-free batches", "undo": True},
+    "full_lm_head": {"runner": "ours", "overrides": ["trainer.compact_lm_head=false"],
+                     "what": "lora_search with the LM head over every position (TRL's choice on CPU)",
+                     "gain": "LM head over completion positions only", "undo": True},
     "fp32": {"runner": "ours", "overrides": ["trainer.precision=fp32"],
              "what": "lora_search in fp32", "gain": "bf16 autocast", "undo": True},
     "threads1": {"runner": "ours", "overrides": ["trainer.num_threads=1"],
@@ -76,7 +81,7 @@ ARMS = {
     "trl_nf4": {"runner": "trl", "overrides": ["quant=nf4"], "what": "plain TRL script, nf4 base (QLoRA)"},
     "lora_search_nf4": {"runner": "ours", "overrides": ["quant=nf4"], "what": "a lora_search trial, nf4 base"},
 }
-CPU_ARMS = ("trl", "lora_search", "padding_free", "fp32", "threads1")
+CPU_ARMS = ("trl", "lora_search", "full_lm_head", "padding_free", "fp32", "threads1")
 GPU_ARMS = ("trl", "lora_search", "trl_nf4", "lora_search_nf4", "padding_free")
 PAIRS = (("lora_search", "trl"), ("lora_search_nf4", "trl_nf4"))  # (ours, peer) compared against the target
 
@@ -221,6 +226,7 @@ def run_ours(cfg, work: Path, skip: int) -> dict:
             "evals": n_evals, "eval_rows": min(cfg.trainer.eval_subset, len(worker.data.eval)),
             "eval_loss": m["eval_loss"], "train_loss_first": m["train_loss_first"],
             "train_loss_last": m["train_loss_last"], "padding_free": m.get("padding_free"),
+            "compact_lm_head": m.get("compact_lm_head"),
             "trainable_params": m["trainable_params"], "matmul_params": matmul_params(worker.base.model),
             "precision": _precision(cfg, worker.base.model.dtype), "torch_threads": common.torch_threads(),
             "model_dtype": str(worker.base.model.dtype).replace("torch.", ""), "quant": cfg.quant.mode}
@@ -249,6 +255,7 @@ def load_plain(cfg, folder: str):
 
 def run_trl(cfg, work: Path, skip: int) -> dict:
     """The plain TRL script, twice (a fresh model and adapter each time; the second timed)."""
+    import torch
     from peft import get_peft_model
     from transformers import AutoTokenizer, set_seed
     from trl import SFTTrainer
@@ -278,7 +285,8 @@ def run_trl(cfg, work: Path, skip: int) -> dict:
                "eval_s": evals["seconds"], "evals": evals["count"], "eval_rows": len(data.eval),
                "eval_loss": (evals["last"] or (0, 0, {}))[2].get("eval_loss"),
                "train_loss_first": losses[0] if losses else None, "train_loss_last": losses[-1] if losses else None,
-               "padding_free": bool(args.padding_free), "trainable_params": model.get_nb_trainable_parameters()[0],
+               "padding_free": bool(args.padding_free), "compact_lm_head": torch.cuda.is_available(),
+               "trainable_params": model.get_nb_trainable_parameters()[0],
                "matmul_params": matmul_params(model.get_base_model()),
                "precision": common.precision_label(args, model.get_base_model().dtype),
                "torch_threads": common.torch_threads(),

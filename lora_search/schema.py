@@ -78,6 +78,8 @@ class TrainerConfig:
     # within each row by position_ids). auto: on with a flash-attention kernel (varlen, the real saving) on a
     # model without linear-attention layers and packing off; true also allows sdpa/eager/flex (block mask).
     padding_free: Any = "auto"  # auto | true | false
+    # The fused LM head scores only positions with a label (the completion) on CPU too, as TRL does on CUDA.
+    compact_lm_head: bool = True
     gradient_checkpointing: bool = False
     precision: str = "auto"  # auto (bf16 / fp16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     seed: int = 0

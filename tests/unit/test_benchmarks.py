@@ -289,7 +289,7 @@ def throughput_quick(tmp_path_factory, tiny_cache):
     return json.loads(out.read_text())
 
 
-@pytest.mark.slow  # five arms, each a fresh process (about a minute)
+@pytest.mark.slow  # six arms, each a fresh process (about a minute)
 def test_throughput_quick_run_trains_the_same_tokens_in_every_arm(throughput_quick):
     from benchmarks import throughput
 
@@ -303,6 +303,8 @@ def test_throughput_quick_run_trains_the_same_tokens_in_every_arm(throughput_qui
                for a in arms.values())
     # each ablation flips exactly what it names
     assert arms["padding_free"]["padding_free"] and not arms["lora_search"]["padding_free"]
+    assert arms["lora_search"]["compact_lm_head"] and not arms["full_lm_head"]["compact_lm_head"]
+    assert arms["full_lm_head"]["eval_loss"] == pytest.approx(arms["lora_search"]["eval_loss"], rel=1e-2)
     assert arms["threads1"]["torch_threads"] == 1 and arms["fp32"]["precision"] == "float32"
     assert not arms["trl"]["padding_free"] and arms["trl"]["eval_rows"] > arms["lora_search"]["eval_rows"]
     assert arms["trl"]["evals"] == arms["lora_search"]["evals"] == 2

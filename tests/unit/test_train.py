@@ -180,6 +180,40 @@ def test_padding_free_batches_train_like_padded_ones(worker_and_cfg, tmp_path):
     assert len(worker.tokenized) == 2  # one tokenized copy per batching mode
 
 
+def test_compact_lm_head_scores_only_labelled_positions_with_the_same_losses(worker_and_cfg, tmp_path, monkeypatch):
+    """On CPU the LM head runs over the completion positions only, as TRL does on CUDA: fewer rows through the
+    head, the same losses and updates; a plain TRL trainer afterwards gets TRL's own choice back."""
+    from types import SimpleNamespace
+
+    from trl.trainer import utils as trl_utils
+
+    worker, cfg = worker_and_cfg
+    cfg.trainer.precision, cfg.trainer.exact_match_items = "fp32", 0
+    cfg.lora.dropout, cfg.trainer.logging_steps = 0.0, 1
+    original, kernel = trl_utils._use_triton, trl_utils._ChunkedLogProbFunction
+    rows: list[int] = []
+
+    def apply(hidden, *args):
+        rows.append(hidden.shape[0])
+        return kernel.apply(hidden, *args)
+
+    monkeypatch.setattr(trl_utils, "_ChunkedLogProbFunction", SimpleNamespace(apply=apply))
+    runs_, scored = {}, {}
+    for setting in (False, True):
+        cfg.trainer.compact_lm_head = setting
+        rows.clear()
+        runs_[setting] = train_adapter(worker, cfg, tmp_path / str(setting), with_baseline=False, save=False)
+        scored[setting] = sum(rows)
+        assert trl_utils._use_triton is original  # restored after the run
+    full, compact = runs_[False], runs_[True]
+    assert (full["compact_lm_head"], compact["compact_lm_head"]) == (False, True)
+    assert 0 < scored[True] < 0.5 * scored[False]  # prompts and padding skipped (tiny data: ~15% of rows scored)
+    assert compact["train_loss_first"] == pytest.approx(full["train_loss_first"], rel=1e-5)
+    assert compact["train_loss_last"] == pytest.approx(full["train_loss_last"], rel=1e-4)  # after 11 updates
+    assert compact["eval_loss"] == pytest.approx(full["eval_loss"], rel=1e-4)
+    assert compact["train_loss_last"] < compact["train_loss_first"]
+
+
 def test_padding_free_auto_follows_the_model(make_cfg, tiny_overrides):
     from types import SimpleNamespace
 
