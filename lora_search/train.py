@@ -112,7 +112,7 @@ def compact_lm_head(enabled: bool = True):
     Elsewhere it scores every position, prompt and padding included, so that compiled Neuron graphs keep one
     shape. Eager CPU has no such graphs. On the embedded default the completion is about a fifth of a row's
     tokens, so the head's projections and softmax passes over the 49k-token vocabulary do 4-5x the work they
-    need to (NOTES.md: 155 -> 266 tokens/s, evals 2x faster, the same losses).
+    need to (results/bench/throughput.json, arm full_lm_head, records what this is worth).
 
     TRL makes that choice through `_use_triton` in `trl.trainer.utils`, read on every forward. This swaps it
     for the length of a run, so a plain TRL trainer in the same process is left as TRL makes it. Only which
