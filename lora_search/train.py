@@ -7,7 +7,6 @@ sweep pays for loading and tokenizing once.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -101,36 +100,6 @@ def padding_free(cfg: RunConfig, model) -> bool:
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     kinds = set(getattr(text, "layer_types", None) or ())
     return kinds <= {"full_attention", "sliding_attention", "chunked_attention"}
-
-
-@contextlib.contextmanager
-def compact_lm_head(enabled: bool = True):
-    """TRL's fused LM head, scoring only the positions that have a label on CPU too.
-
-    SFTTrainer projects hidden states through the LM head in tiles (`trl.trainer.utils.add_fused_lm_head`).
-    Where Triton runs (CUDA, XPU) it scores only the positions whose next token has a label (the completion).
-    Elsewhere it scores every position, prompt and padding included, so that compiled Neuron graphs keep one
-    shape. Eager CPU has no such graphs. On the embedded default the completion is about a fifth of a row's
-    tokens, so the head's projections and softmax passes over the 49k-token vocabulary do 4-5x the work they
-    need to (results/bench/throughput.json, arm full_lm_head, records what this is worth).
-
-    TRL makes that choice through `_use_triton` in `trl.trainer.utils`, read on every forward. This swaps it
-    for the length of a run, so a plain TRL trainer in the same process is left as TRL makes it. Only which
-    rows go through the head changes: the kernels are TRL's, and they still pick their torch (not Triton) code
-    path from their own module on CPU."""
-    try:
-        from trl.trainer import utils as trl_utils
-    except ImportError:  # pragma: no cover - trl is a dependency
-        trl_utils = None
-    use_triton = getattr(trl_utils, "_use_triton", None)
-    if not enabled or use_triton is None:
-        yield False
-        return
-    trl_utils._use_triton = lambda device: device.type == "cpu" or use_triton(device)
-    try:
-        yield True
-    finally:
-        trl_utils._use_triton = use_triton
 
 
 def sft_config(cfg: RunConfig, out_dir: Path, report_to: list[str], padding_free: bool = False):
@@ -243,7 +212,8 @@ def train_adapter(worker: Worker, cfg: RunConfig, out_dir: Path, callbacks=(), r
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
-    with adapters.trainer_patches_undone(worker.base.model), compact_lm_head(cfg.trainer.compact_lm_head) as compact:
+    undone = adapters.trainer_patches_undone(worker.base.model)
+    with undone, adapters.compact_lm_head(cfg.trainer.compact_lm_head) as compact:
         metrics = _train(worker, cfg, out_dir, callbacks, report_to, with_baseline, save, t_start)
     return {**metrics, "compact_lm_head": compact}
 
