@@ -74,6 +74,18 @@ def release_memory() -> None:
             pass
 
 
+def freeze_long_lived() -> None:
+    """Take every object alive now (a worker's base model, tokenizer, data, imported modules) out of the
+    cyclic garbage collector's walks. Trials trigger about three full collections each (Trainer and
+    accelerate free memory, release_memory); with SmolLM2 loaded each walked ~575k objects, 0.31 s.
+    Only objects that exist before any trial are frozen, so a trial's adapter, optimizer and trainer are
+    collected as before. Refcounting still frees frozen objects; only cycles among them would be kept."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def _rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20

@@ -8,7 +8,7 @@ import logging
 import time
 from pathlib import Path
 
-from lora_search import adapters, models, records, tracking
+from lora_search import adapters, hardware, models, records, tracking
 from lora_search.data import load_task_data
 from lora_search.schema import RunConfig
 from lora_search.train import Worker, train_adapter
@@ -33,7 +33,12 @@ def start_worker(cfg: RunConfig, data=None) -> Worker:
     if data is None:
         data, _ = preflight(cfg)
     base = models.load_base(cfg.model, cfg.quant, cfg.cache_dir, cfg.trainer.gradient_checkpointing)
-    return Worker(base=base, data=data)
+    import peft  # noqa: F401 - imported by every trial: their module objects are long-lived too
+    import trl  # noqa: F401
+
+    worker = Worker(base=base, data=data)
+    hardware.freeze_long_lived()
+    return worker
 
 
 def run_name(cfg: RunConfig) -> str:

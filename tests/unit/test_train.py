@@ -214,6 +214,34 @@ def test_compact_lm_head_scores_only_labelled_positions_with_the_same_losses(wor
     assert compact["train_loss_last"] < compact["train_loss_first"]
 
 
+def test_a_stopped_trial_leaves_nothing_behind_on_a_frozen_worker(worker_and_cfg, tmp_path):
+    """The worker's long-lived objects are frozen out of the GC's walks; a trial stopped mid-training (the
+    pruned path: an exception through Trainer's frames) still leaves its adapter and optimizer collectable."""
+    import gc
+    import weakref
+
+    from transformers import TrainerCallback
+
+    from lora_search.pruning import TrialStopped
+
+    worker, cfg = worker_and_cfg
+    assert gc.get_freeze_count() > 0  # start_worker froze what it loaded
+    seen = {}
+
+    class StopAtTwo(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+            seen["model"], seen["optimizer"] = weakref.ref(model), weakref.ref(optimizer)
+            if state.global_step == 2:
+                raise TrialStopped("pruned at step 2", 2)
+
+    with pytest.raises(TrialStopped):
+        train_adapter(worker, cfg, tmp_path / "stopped", callbacks=[StopAtTwo()], with_baseline=False, save=False)
+    gc.collect()
+    assert seen["model"]() is None and seen["optimizer"]() is None
+    assert not any(type(m).__name__ == "LoraLayer" or "lora" in type(m).__module__
+                   for m in worker.base.model.modules())
+
+
 def test_padding_free_auto_follows_the_model(make_cfg, tiny_overrides):
     from types import SimpleNamespace
 
