@@ -13,8 +13,8 @@ trial's `steps`, a pruned trial's step at pruning), trial states, the best value
 Targets: the pruned sweeps spend at most 40% of the unpruned compute (summed over the seeds), and
 each pruned sweep's best is no worse than the worst unpruned repeat (the run-to-run spread).
 
-  .venv/bin/python benchmarks/pruning.py          # embedded SmolLM2, 16 trials of 12 steps, seeds 0 and 1
-                                                  # -> results/bench/pruning.json (about 33 minutes on 2 CPU cores)
+  .venv/bin/python benchmarks/pruning.py          # embedded SmolLM2, 16 trials of 36 steps, seeds 0 and 1
+                                                  # -> results/bench/pruning.json (about 57 minutes on 2 CPU cores)
   .venv/bin/python benchmarks/pruning.py --quick  # tiny model, 4 trials of 4 steps, seed 0 (seconds; the tests use it)
 
 Options: --model, --trials, --steps, --eval-every, --pruner, --seeds, --threads, --cache-dir, --out.
