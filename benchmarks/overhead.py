@@ -42,14 +42,19 @@ def rss_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
 
 
-def memory_mb() -> float:
-    """Memory the worker holds in tensors: allocated CUDA memory on a GPU, else every live CPU tensor's storage."""
+def memory_mb(model=None) -> float:
+    """Memory the worker holds in tensors: allocated CUDA memory on a GPU, else every live CPU tensor's storage.
+
+    gc.get_objects() does not list what the worker froze at its start (hardware.freeze_long_lived): the
+    base model's parameters and buffers are counted from the model; anything a trial leaves behind was
+    created after the freeze and is listed."""
     import torch
 
     if torch.cuda.is_available():
         return torch.cuda.memory_allocated() / 2**20
     storages = {}
-    for obj in gc.get_objects():
+    frozen = [*model.parameters(), *model.buffers()] if model is not None else []
+    for obj in [*frozen, *gc.get_objects()]:
         try:
             if isinstance(obj, torch.Tensor) and not obj.is_meta:
                 storage = obj.untyped_storage()
@@ -104,7 +109,7 @@ class Probe:
             return self.train_adapter(worker, cfg, out_dir, callbacks=[*callbacks, FirstStep()], **kwargs)
         finally:  # the adapter and optimizer are gone by now: what is left is what the worker holds
             t0 = time.perf_counter()
-            self.entries.append({"memory_mb": memory_mb(), "rss_mb": rss_mb(), **live_objects()})
+            self.entries.append({"memory_mb": memory_mb(worker.base.model), "rss_mb": rss_mb(), **live_objects()})
             self.probe_s.append(time.perf_counter() - t0)
 
 

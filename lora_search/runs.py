@@ -4,6 +4,7 @@ adapter, and write `results/runs/<run name>/`.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 from pathlib import Path
@@ -33,9 +34,8 @@ def start_worker(cfg: RunConfig, data=None) -> Worker:
     if data is None:
         data, _ = preflight(cfg)
     base = models.load_base(cfg.model, cfg.quant, cfg.cache_dir, cfg.trainer.gradient_checkpointing)
-    import peft  # noqa: F401 - imported by every trial: their module objects are long-lived too
-    import trl  # noqa: F401
-
+    for package in ("peft", "trl", *(("wandb",) if tracking.enabled(cfg) else ())):
+        importlib.import_module(package)  # what every trial uses: paid here, not by the first trial, and frozen
     worker = Worker(base=base, data=data)
     hardware.freeze_long_lived()
     return worker
