@@ -77,7 +77,7 @@ def render_peer_sweep(rec: dict) -> list[str]:
             f"| {_num(a.get('best_full_eval_loss'), '.4f')} | {a.get('precision', '?')} |")
     t = rec.get("targets") or {}
     gap = _num(t.get("lora_search_best_loss_vs_handwritten_pct"), "+.1f")
-    lines += ["", f"Targets: lora_search's wall time {_num(t.get('lora_search_wall_vs_handwritten'), '.2f')}x the "
+    lines += ["", f"Targets: lora_search's wall time {_num(t.get('lora_search_wall_vs_handwritten'), '.3f')}x the "
                   f"hand-written recipe's (target <= {t.get('wall_target_ratio', 0.5)}x: {_met(t.get('wall_met'))}); "
                   f"its best configuration's full-eval loss {gap}% against the recipe's "
                   f"(target within {t.get('loss_target_pct', 2.0)}%: {_met(t.get('loss_met'))})."]
