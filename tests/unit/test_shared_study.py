@@ -29,7 +29,9 @@ def test_two_workers_share_one_study(backend, tmp_path, tiny_cache, make_cfg):
     name = f"shared_{uuid.uuid4().hex[:8]}"
     storage = [f"sweep.storage={PG_URL}"] if backend == "postgresql" else []
     args = ["model=tiny_llama", f"cache_dir={tiny_cache}", f"results_dir={tmp_path}", "stage=search",
-            f"sweep.name={name}", "sweep.n_trials=4", "sweep.workers=2", *storage, *SMALL]
+            f"sweep.name={name}", "sweep.n_trials=8", "sweep.workers=2", *storage, *SMALL[:2],
+            # trials long enough that worker 1 (a fresh interpreter) has started before worker 0 is done
+            SMALL[2].replace("max_steps: 6", "max_steps: 32")]
     proc = subprocess.run([sys.executable, "-m", "lora_search", *args], cwd=REPO, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -37,7 +39,7 @@ def test_two_workers_share_one_study(backend, tmp_path, tiny_cache, make_cfg):
     cfg.results_dir = str(tmp_path)
     study = study_lib.open_study(cfg)
     finished = study_lib.finished(study)
-    assert len(finished) >= 4  # concurrent workers may each finish one more as the target is reached
+    assert len(finished) >= 8  # concurrent workers may each finish one more as the target is reached
     assert len({t.user_attrs["worker"] for t in finished}) == 2  # both workers ran trials
     assert (tmp_path / name / "workers" / "worker1.log").exists()
 
