@@ -145,11 +145,9 @@ def compact_lm_head(enabled: bool = True):
     for the length of a run, so a plain TRL trainer in the same process is left as TRL makes it. Only which
     rows go through the head changes: the kernels are TRL's, and they still pick their torch (not Triton) code
     path from their own module on CPU."""
-    try:
-        from trl.trainer import utils as trl_utils
-    except ImportError:  # pragma: no cover - trl is a dependency
-        trl_utils = None
-    use_triton = getattr(trl_utils, "_use_triton", None)
+    from trl.trainer import utils as trl_utils
+
+    use_triton = getattr(trl_utils, "_use_triton", None)  # None if a later TRL moves it: TRL's own choice stays
     if not enabled or use_triton is None:
         yield False
         return
