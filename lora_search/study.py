@@ -17,7 +17,7 @@ from lora_search.launch import worker_id
 from lora_search.errors import ConfigError, LoraSearchError
 from lora_search.pruning import PruningCallback, TrialStopped
 from lora_search.schema import RunConfig
-from lora_search.train import Worker, train_adapter
+from lora_search.train import Worker, prepare_data, train_adapter
 from lora_search.validate import validate
 
 log = logging.getLogger(__name__)
@@ -25,6 +25,8 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
 PRUNERS = ("median", "successive_halving", "hyperband", "none")
 METRICS = ("eval_loss", "perplexity", "exact_match", "train_tokens_per_s")
+# Keys that change how the data is tokenized (train.data_key): a space over them has no one copy to prepare up front
+DATA_KEYS = {"trainer.max_length", "trainer.packing", "trainer.padding_free", "data.format"}
 
 
 def study_dir(cfg: RunConfig) -> Path:
@@ -171,6 +173,8 @@ def objective_fn(cfg: RunConfig, worker: Worker):
     """The Optuna objective: sample, apply, train with pruning, record, return the metric."""
     base_cfg = space_lib.apply(cfg, dict(cfg.sweep.trial))
     maximize = cfg.sweep.direction == "maximize"
+    if not set(cfg.sweep.space) & DATA_KEYS:  # else each sampled batching tokenizes once, in its first trial
+        prepare_data(worker, base_cfg)
 
     def objective(trial: optuna.Trial) -> float:
         t0 = time.perf_counter()

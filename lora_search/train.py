@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ class Worker:
 
     base: Base
     data: TaskData
-    tokenized: dict = field(default_factory=dict)  # (max_length, packing, format, padding-free) -> (train, eval)
+    tokenized: dict = field(default_factory=dict)  # data_key(...) -> (train, eval), tokenized by TRL
     baseline: dict | None = None  # base model's eval loss and exact match, computed once
 
 
@@ -160,11 +161,18 @@ def truncated(dataset, max_length: int):
     return dataset.map(cut, desc=f"Truncating to {max_length} tokens")
 
 
+def data_key(cfg: RunConfig, padding_free: bool) -> tuple:
+    """What the tokenized data depends on: runs that agree on it share one tokenized copy."""
+    return cfg.trainer.max_length, cfg.trainer.packing, cfg.data.format, padding_free
+
+
 def _trainer(worker: Worker, peft_model, args, cfg: RunConfig, callbacks):
     from trl import SFTTrainer
 
-    key = (cfg.trainer.max_length, cfg.trainer.packing, cfg.data.format, args.padding_free)
+    key = data_key(cfg, args.padding_free)
     cached = worker.tokenized.get(key)
+    if cached:  # already tokenized, labelled, truncated (and packed): TRL would map over every row again
+        args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
     trainer = SFTTrainer(
         model=peft_model,
         args=args,
@@ -181,6 +189,41 @@ def _trainer(worker: Worker, peft_model, args, cfg: RunConfig, callbacks):
     full_eval = worker.tokenized[key][1]
     trainer.eval_dataset = full_eval.select(range(min(cfg.trainer.eval_subset, len(full_eval))))
     return trainer, full_eval
+
+
+def _release(worker: Worker, trainer, peft_model) -> None:
+    """Free the trainer's accelerator state and take the adapter off the worker's base (the caller then drops
+    its references and collects)."""
+    if trainer is not None:
+        trainer.accelerator.free_memory()
+    worker.base.model = adapters.detach(peft_model)
+    worker.base.model.eval()
+
+
+def prepare_data(worker: Worker, cfg: RunConfig) -> float:
+    """Tokenize the worker's data the way cfg's runs will, through TRL's SFTTrainer, before the first run.
+
+    A sweep calls it once per worker with the trial config before sampling: the first trial then starts
+    training as soon as later ones do, and bad data fails here, not in a trial. Returns the seconds spent
+    (0 when that key is tokenized already)."""
+    if data_key(cfg, padding_free(cfg, worker.base.model)) in worker.tokenized:
+        return 0.0
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="lora-search-tokenize-") as tmp, \
+            adapters.trainer_patches_undone(worker.base.model):
+        peft_model = adapters.attach(worker.base.model, cfg.lora, cfg.model)  # SFTTrainer wants a trainable model
+        trainer = None
+        try:
+            args = sft_config(cfg, Path(tmp), [], padding_free(cfg, worker.base.model))
+            trainer, full_eval = _trainer(worker, peft_model, args, cfg, [])
+            train_rows, eval_rows = len(trainer.train_dataset), len(full_eval)
+        finally:
+            _release(worker, trainer, peft_model)
+            del trainer, peft_model
+            hardware.release_memory()
+    seconds = time.perf_counter() - t0
+    log.info("tokenized %d train and %d eval rows once for this worker (%.1f s)", train_rows, eval_rows, seconds)
+    return seconds
 
 
 def _exact_match(model, worker: Worker, cfg: RunConfig) -> dict:
@@ -230,6 +273,7 @@ def _train(worker: Worker, cfg: RunConfig, out_dir: Path, callbacks, report_to, 
         args = sft_config(cfg, out_dir, list(report_to), padding_free(cfg, worker.base.model))
         trainer, full_eval = _trainer(worker, peft_model, args, cfg, [timer, *callbacks])
         metrics = dict(baseline(worker, cfg, trainer, full_eval, peft_model)) if with_baseline else {}
+        set_seed(cfg.trainer.seed)  # as SFTTrainer left it: the baseline's evals must not shift the data order
         evals = timed_evaluate(trainer)  # after the baseline: its eval is not this run's
         setup_s = time.perf_counter() - t_start
         log.info("training %s steps: r=%s alpha=%s dropout=%s targets=%s lr=%.2e", cfg.trainer.max_steps,
@@ -275,10 +319,6 @@ def _train(worker: Worker, cfg: RunConfig, out_dir: Path, callbacks, report_to, 
         metrics["wall_s"] = time.perf_counter() - t_start
         return metrics
     finally:
-        if trainer is not None:
-            trainer.accelerator.free_memory()
-            del trainer
-        worker.base.model = adapters.detach(peft_model)
-        worker.base.model.eval()
-        del peft_model
+        _release(worker, trainer, peft_model)
+        del trainer, peft_model
         hardware.release_memory()

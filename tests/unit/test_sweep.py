@@ -169,6 +169,32 @@ def test_resume_keeps_finished_trials_and_does_not_train_again(make_cfg, monkeyp
     assert len(trials) == 3 and [t.number for t in trials] == [0, 1, 2]
 
 
+
+def test_the_worker_tokenizes_before_the_first_trial_and_no_trial_tokenizes(make_cfg, monkeypatch):
+    from trl import SFTTrainer
+
+    cfg = make_cfg(*SMALL, "stage=search", "sweep.n_trials=2", "sweep.pruner=none")
+    prepared, during = [], []
+    original_prepare, original_train = SFTTrainer._prepare_dataset, study_lib.train_adapter
+
+    def prepare(self, dataset, *args, **kwargs):
+        prepared.append(len(dataset))
+        return original_prepare(self, dataset, *args, **kwargs)
+
+    def train(*args, **kwargs):
+        before = len(prepared)
+        try:
+            return original_train(*args, **kwargs)
+        finally:
+            during.append(len(prepared) - before)
+
+    monkeypatch.setattr(SFTTrainer, "_prepare_dataset", prepare)
+    monkeypatch.setattr(study_lib, "train_adapter", train)
+    pipeline.run(cfg)
+    assert during == [0, 0]  # neither trial, the first included, ran TRL's dataset preparation
+    assert len(prepared) == 2  # the train and eval sets, once, before the first trial
+    assert len(study_lib.finished(study_lib.open_study(cfg))) == 2
+
 @pytest.mark.slow  # search, promotion, merge and benchmark in one go
 def test_full_pipeline_promotes_merges_benchmarks_and_reports(make_cfg, caplog, wandb_runs):
     from peft import PeftModel

@@ -54,6 +54,10 @@ def test_several_runs_share_one_base_and_leave_it_unchanged(worker_and_cfg, tmp_
     assert worker.base.model.config.use_cache
     assert len({m["trainable_params"] for m in results}) == 3
     assert len(worker.tokenized) == 1  # tokenized once, reused by every run
+    cfg.lora.r, cfg.lora.targets = 4, "qv"
+    again = train_adapter(worker, cfg, tmp_path / "again", save=False)  # the prepared copy, TRL's preparation skipped
+    for key in ("eval_loss", "train_loss_first", "train_tokens", "eval_rows"):
+        assert again[key] == pytest.approx(results[0][key], rel=1e-6)
     assert results[0]["base_eval_loss"] == results[2]["base_eval_loss"]  # the baseline is computed once
 
 
