@@ -93,12 +93,15 @@ class Probe:
 
     def __init__(self, train_adapter):
         self.train_adapter, self.entries, self.first_steps, self.probe_s = train_adapter, [], [], []
+        self.prepared = None  # whether the worker held tokenized data when the first trial began
         # entries[i]: after trial i's training returned (its adapter detached); probe_s[i]: time spent measuring
 
     def __call__(self, worker, cfg, out_dir, callbacks=(), **kwargs):
         from transformers import TrainerCallback
 
         probe = self
+        if self.prepared is None:
+            self.prepared = bool(worker.tokenized)
 
         class FirstStep(TrainerCallback):
             def on_step_begin(self, args, state, control, **kw):
@@ -132,7 +135,8 @@ def run(trials: int = 20, quick: bool = False, out: Path | str | None = None) ->
     shares = [r["outside_share"] for r in rows if r["outside_share"] is not None]
     firsts = [r["to_first_step_s"] for r in rows if r["to_first_step_s"] is not None]
     result = common.record(NAME, {
-        "model": cfg.model.name, "trials": trials, "quick": quick, "tracking": f"{cfg.tracking.backend} "
+        "model": cfg.model.name, "trials": trials, "quick": quick, "tokenized_before_first_trial": probe.prepared,
+        "tracking": f"{cfg.tracking.backend} "
         f"({cfg.tracking.mode})", "max_steps": rows[0]["steps"] if rows else None, "wall_s": total.seconds,
         "to_first_step_s": {"first_trial": firsts[0] if firsts else None,
                             "median_later": common.median(firsts[1:]), "max_later": max(firsts[1:], default=None)},

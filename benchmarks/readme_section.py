@@ -95,8 +95,9 @@ def render_overhead(rec: dict) -> list[str]:
         f"W&B {rec.get('tracking', '?')}, no pruner.",
         "",
         f"- Trial start to first optimizer step: {_num(first.get('median_later'), '.2f')} s (median; max "
-        f"{_num(first.get('max_later'), '.2f')} s); the first trial {_num(first.get('first_trial'), '.2f')} s "
-        "(it tokenizes the data once for all).",
+        f"{_num(first.get('max_later'), '.2f')} s); the first trial {_num(first.get('first_trial'), '.2f')} s"
+        + (" (the worker tokenizes the data before it)." if rec.get("tokenized_before_first_trial")
+           else " (it tokenizes the data once for all)."),
         f"- Share of a trial's wall time outside optimizer steps and the pruning evals: median "
         f"{_num(share.get('median'), '.1%')}, max {_num(share.get('max'), '.1%')} "
         f"(target <= {t.get('outside_share', 0.1):.0%}: {_met(t.get('outside_share_met'))}).",

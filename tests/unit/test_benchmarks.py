@@ -109,6 +109,7 @@ def test_overhead_probe_times_every_trial_and_finds_no_leaked_adapter_or_optimiz
     result = overhead.main(["--quick", "--out", str(out)])
     written = json.loads(out.read_text())
     assert written["name"] == "overhead" and written["trials"] == 3 and len(written["per_trial"]) == 3
+    assert written["tokenized_before_first_trial"] is True  # the sweep's worker tokenized before trial 0
     for row in written["per_trial"]:
         assert row["state"] == "complete" and row["steps"] == 4
         assert 0 < row["to_first_step_s"] < row["wall_s"] and 0 < row["outside_share"] < 1
