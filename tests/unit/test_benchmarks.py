@@ -145,7 +145,7 @@ def test_pruning_quick_run_records_both_arms_trial_by_trial(pruning_quick):
     s = rec["settings"]
     assert (s["model"], s["trials"], s["max_steps"], s["eval_every"], s["seeds"], s["quick"]) == \
         ("tiny_llama", 4, 4, 2, [0], True)
-    assert s["pruner"] == {"type": "successive_halving", "min_resource": 2, "reduction_factor": 5}
+    assert s["pruner"] == {"type": "successive_halving", "min_resource": 2, "reduction_factor": 3}
     assert s["sampler"]["type"] == "tpe" and set(s["space"]) == SPACE and s["direction"] == "minimize"
     assert "sweep.pruner=none" in s["overrides"]["unpruned"] and "tracking=none" in s["overrides"]["pruned"]
     for arm in ("pruned", "unpruned"):
@@ -246,7 +246,7 @@ def test_pruning_pruner_option_composes_to_exactly_that_pruner():
     from lora_search.compose import load_config
 
     spec = pruning.parse_pruner(pruning.PRUNER)
-    assert spec == {"type": "successive_halving", "min_resource": 2, "reduction_factor": 5}
+    assert spec == {"type": "successive_halving", "min_resource": 2, "reduction_factor": 3}
     cfg = load_config(["sweep=rank_lr", *pruning.pruner_overrides(spec)])
     assert cfg.sweep.pruner == spec  # replaced, not merged with the sweep file's median settings
     json_spec = pruning.parse_pruner('{"type": "hyperband", "min_resource": 1, "reduction_factor": 3}')
