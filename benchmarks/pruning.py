@@ -15,7 +15,7 @@ their best is within the run-to-run spread: the mean pruned best is no worse tha
 by more than the unpruned repeats' bests lie apart (see figures()).
 
   .venv/bin/python benchmarks/pruning.py          # embedded SmolLM2, 16 trials of 36 steps, seeds 0, 1 and 2
-                                                  # -> results/bench/pruning.json (about 67 minutes on 2 CPU cores)
+                                                  # -> results/bench/pruning.json (about 80 minutes on 2 CPU cores)
   .venv/bin/python benchmarks/pruning.py --quick  # tiny model, 4 trials of 4 steps, seed 0 (seconds; the tests use it)
 
 Options: --model, --trials, --steps, --eval-every, --pruner, --seeds, --threads, --cache-dir, --out.
@@ -52,8 +52,9 @@ ARMS = ("pruned", "unpruned")  # reversed on every second seed
 #   and 2 completed only their first trial; mean best 0.073 worse than unpruned, beyond the 0.047 spread. Step 2 is
 #   inside the learning-rate warm-up (4 steps, the first update at lr 0): a fast starter (all_linear r=32, high lr)
 #   set a step-2 bar that the configurations best at step 36 (attn r=8) did not reach, then fell at step 10.
-#   reduction_factor 3, the same three seeds against that record's unpruned arms (pruned arms run an hour later,
-#   so not a record): 0.39x, mean best 0.005 worse. The default until a full record confirms or refutes it.
+#   reduction_factor 3 (steps 2, 6, 18), seeds 0-2, the record of 2026-11-24 (15:44): 0.38x the unpruned compute
+#   (0.32x the steps); mean best 0.005 worse, inside the 0.047 spread. It keeps 2-6 complete trials per seed, so the
+#   configurations that end best survive the early rungs.
 PRUNER = "{type: successive_halving, min_resource: 2, reduction_factor: 3}"
 # Trials long enough that a trial pruned at the first rung (2 steps) saves most of its cost: at 12 steps, its
 # set-up and one eval still cost about 30% of a whole trial (the 12-step record: 0.60x the unpruned compute).
