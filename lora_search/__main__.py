@@ -90,10 +90,10 @@ def _command(name: str, args: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: a command, or check overrides and hand over to hydra.main."""
+    """Entry point: a command, or check the whole run before Hydra writes anything, then hand over to hydra.main."""
     import hydra
 
-    from lora_search import compose
+    from lora_search import compose, preflight
 
     argv = sys.argv[1:] if argv is None else argv
     _quiet_libraries()
@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     try:
         compose.check_overrides(argv)
+        if preflight.is_run(argv):
+            preflight.check(preflight.compose(argv))
     except LoraSearchError as e:
         report(e)
         sys.exit(EXIT_USAGE)

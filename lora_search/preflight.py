@@ -1,0 +1,90 @@
+"""Everything checkable about a run before Hydra starts it: compose the command line, check the config, the
+sweep, the storage, the data and the targets, so bad input gets one line, exit code 2, and nothing under
+`results/` is written (Hydra writes its `.hydra/` files and log before the task runs).
+
+What a check loads (the task data, the model's module tree on the meta device) is kept for the run that follows
+in this process, so passing the checks costs the run nothing twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from lora_search.errors import ConfigError
+from lora_search.schema import RunConfig
+
+log = logging.getLogger(__name__)
+# Flags after which Hydra does something other than run the task (print the config, help, a multirun).
+NOT_A_RUN = ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--multirun", "-m", "--shell-completion",
+             "-sc", "--resolve", "--package", "-p")
+_checked: dict = {}  # repr(RunConfig) -> the task data its checks loaded
+
+
+def compose_error(e: Exception) -> ConfigError:
+    """A Hydra/OmegaConf composition error as one line naming the key and the value."""
+    from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+    cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
+    key = getattr(cause, "full_key", None)
+    first = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+    if isinstance(cause, MissingMandatoryValue) and key:
+        return ConfigError(f"{key} is required and has no value; set {key}=<value> on the command line")
+    converted = re.match(r"Value '(.*)' of type '\w+' could not be converted to (\w+)", first)
+    if key and re.match(r"Value '.*' is not a valid bool", first):
+        return ConfigError(f"{key} must be true or false, got {first.split(chr(39))[1]!r}")
+    if key and converted:
+        kind = {"Integer": "an integer", "Float": "a number", "Boolean": "true or false"}.get(converted[2], converted[2])
+        return ConfigError(f"{key} must be {kind}, got {converted[1]!r}")
+    if key:
+        return ConfigError(f"{key}: {first}")
+    return ConfigError(f"cannot compose the configuration: {first}")
+
+
+def compose(argv: list[str]) -> RunConfig:
+    """The RunConfig the command line composes (Hydra's own keys left out); ConfigError on any failure."""
+    from lora_search.compose import load_config
+
+    overrides = [a for a in argv if not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
+    try:
+        return load_config(overrides)
+    except ConfigError:
+        raise
+    except Exception as e:  # hydra's composition errors, omegaconf's validation errors
+        raise compose_error(e) from None
+
+
+def is_run(argv: list[str]) -> bool:
+    """Whether Hydra will run the task once with these arguments (no --cfg, --help, multirun)."""
+    return not any(a.split("=", 1)[0] in NOT_A_RUN for a in argv if a.startswith("-"))
+
+
+def check(cfg: RunConfig) -> None:
+    """Run every check for cfg's stage; raise ConfigError/DataError with every problem found."""
+    from lora_search import pipeline, runs
+    from lora_search.validate import validate
+
+    validate(cfg)
+    if cfg.stage == "train":
+        data, _ = runs.preflight(cfg)
+        _checked[repr(cfg)] = data
+        return
+    pipeline.preflight_sweep(cfg)
+    _check_storage(cfg)
+    if cfg.stage in ("all", "search"):
+        from lora_search.data import load_task_data
+
+        _checked[repr(cfg)] = load_task_data(cfg.data)
+
+
+def _check_storage(cfg: RunConfig) -> None:
+    from lora_search import study
+
+    checker = getattr(study, "check_storage", None)
+    if checker is not None:
+        checker(cfg)
+
+
+def checked_data(cfg: RunConfig):
+    """The task data the checks already loaded for this very config, or None."""
+    return _checked.get(repr(cfg))
