@@ -156,7 +156,14 @@ def architecture(m: ModelConfig, cache_dir: str | None):
         if (folder / "config.json").exists():
             return AutoConfig.from_pretrained(folder)
         return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    return AutoConfig.from_pretrained(m.path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    try:
+        return AutoConfig.from_pretrained(m.path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+    except (OSError, ValueError) as e:  # offline, no such repo, gated, no config.json, unknown architecture
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        where = "the hub" if m.source == "hub" else "the folder"
+        raise ConfigError(f"model.path {m.path!r} (model={m.name}): cannot read its config from {where}: {first.strip()} "
+                          "(a hub id needs the network or a cached copy; a downloaded model: model=local "
+                          "model.path=<folder>)") from None
 
 
 def meta_model(arch) -> torch.nn.Module:
