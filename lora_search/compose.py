@@ -13,7 +13,7 @@ import os
 import typing
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from lora_search import schema
 from lora_search.errors import ConfigError
@@ -132,9 +132,53 @@ def check_overrides(args: list[str]) -> None:
         raise ConfigError(problems)
 
 
-def to_run_config(cfg) -> schema.RunConfig:
-    """Turn a composed DictConfig into the typed RunConfig dataclass."""
-    return OmegaConf.to_object(cfg)
+def mapping_overrides(args: list[str]) -> list[tuple[str, object]]:
+    """(dotted key, value) to set again after Hydra composed: each override that gives a whole mapping to a
+    free-form key (sweep.sampler, sweep.pruner, sweep.space, sweep.trial, sweep.promotion, lora.rank_pattern ...),
+    then, in command-line order, the later overrides of keys inside it (`sweep.sampler.seed=3`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    plain = [a for a in args if not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
+    found, replaced = [], []
+    for ov in OverridesParser.create().parse_overrides(plain):
+        key = ov.key_or_group
+        if ov.is_delete() or ov.is_sweep_override() or "." not in key or ov.package is not None:
+            continue
+        value = ov.value()
+        if isinstance(value, dict) and _in_free_form(key):
+            found.append((key, value))
+            replaced.append(key)
+        elif any(key.startswith(r + ".") for r in replaced):
+            found.append((key, value))
+    return found
+
+
+def _in_free_form(key: str) -> bool:
+    """Whether a dotted key is a free-form field of the schema (a dict or Any) or lies inside one."""
+    dc: typing.Any = schema.RunConfig
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(dc) or part not in {f.name for f in dataclasses.fields(dc)}:
+            return False
+        dc = _field_type(dc, part)
+        if _is_free_form(dc):
+            return True
+    return False
+
+
+def to_run_config(cfg, overrides: list[str] = ()) -> schema.RunConfig:
+    """Turn a composed DictConfig into the typed RunConfig dataclass.
+
+    A mapping given on the command line (`sweep.sampler={type: random}`) replaces the key's value whole: Hydra
+    merges it into the sweep file's mapping, so it is set again here as given. sweep.direction=auto becomes the
+    metric's direction.
+    """
+    with open_dict(cfg):  # a key inside a replaced mapping may be new to it
+        for key, value in mapping_overrides(list(overrides)):
+            OmegaConf.update(cfg, key, value, merge=False)
+    run = OmegaConf.to_object(cfg)
+    if run.sweep.direction == "auto" and run.sweep.metric in schema.METRIC_DIRECTIONS:
+        run.sweep.direction = schema.METRIC_DIRECTIONS[run.sweep.metric]
+    return run
 
 
 def load_config(overrides: list[str] = ()) -> schema.RunConfig:
@@ -147,4 +191,4 @@ def load_config(overrides: list[str] = ()) -> schema.RunConfig:
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose(config_name="config", overrides=list(overrides))
-    return to_run_config(cfg)
+    return to_run_config(cfg, list(overrides))

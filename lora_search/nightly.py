@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
+import re
 import time
 from pathlib import Path
 
@@ -20,12 +21,26 @@ from optuna.trial import TrialState
 
 from lora_search import models, records, report, tracking
 from lora_search.promote import load_best, promote_stage
-from lora_search.schema import RunConfig
+from lora_search.schema import NightlyConfig, RunConfig
 from lora_search.study import finished, open_study, search_stage, study_dir
 
 log = logging.getLogger(__name__)
 EXIT = {"no_change": 0, "new_champion": 3, "failed": 1}
 SCORED = ("eval_loss", "perplexity", "exact_match")  # metrics re-measured on tonight's data
+
+
+def check(n: NightlyConfig) -> list[str]:
+    """Problems with sweep.nightly."""
+    problems = []
+    if not isinstance(n.trials_per_night, int) or n.trials_per_night < 1:
+        problems.append(f"sweep.nightly.trials_per_night must be a positive integer, got {n.trials_per_night!r}")
+    if not isinstance(n.seed_top_k, int) or n.seed_top_k < 0:
+        problems.append(f"sweep.nightly.seed_top_k must be an integer >= 0, got {n.seed_top_k!r}")
+    if not isinstance(n.margin, (int, float)) or n.margin < 0:
+        problems.append(f"sweep.nightly.margin must be a fraction >= 0 (0.01 = 1%), got {n.margin!r}")
+    if n.night is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(n.night)):
+        problems.append(f"sweep.nightly.night names a folder: letters, digits, '.', '_' and '-' only; got {n.night!r}")
+    return problems
 
 
 def night_label(cfg: RunConfig) -> str:

@@ -5,15 +5,18 @@ skipped on a second run.
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
 import time
+from collections import OrderedDict
 
-from lora_search import adapters, models, records, report, runs, tracking
+from lora_search import adapters, hardware, models, records, report, runs, tracking
 from lora_search import trial as space_lib
 from lora_search.promote import config_id, load_best, promote_stage
 from lora_search.schema import RunConfig
 from lora_search.study import check_sweep, open_study, search_stage, study_dir
+from lora_search.train import Worker
 from lora_search.validate import validate
 
 log = logging.getLogger(__name__)
@@ -21,36 +24,80 @@ ORDER = ("search", "promote", "merge", "benchmark", "report")
 
 
 class Workers:
-    """Loads data once and a base model once per (model, quantization), on first use."""
+    """The bases and data a run's trials ask for, loaded on first use: a base per (model, quantization), at most
+    `max_bases` kept (least recently used released: real bases are GBs), data per distinct data config."""
 
-    def __init__(self, cfg: RunConfig):
-        self.cfg, self.data, self._workers = cfg, None, {}
+    def __init__(self, cfg: RunConfig, max_bases: int = 1):
+        self.cfg, self.max_bases = cfg, max_bases
+        self._bases: OrderedDict = OrderedDict()  # base_key -> Base, least recently used first
+        self._data: dict = {}  # repr(data config) -> TaskData
+        self._workers: dict = {}  # (base_key, data key) -> Worker (its tokenized copies and baseline)
+
+    def data_for(self, cfg: RunConfig | None = None):
+        """The task data of cfg's data settings, loaded once per distinct data config."""
+        cfg = cfg or self.cfg
+        key = repr(cfg.data)
+        if key not in self._data:
+            self._data[key], _ = runs.preflight(cfg)
+        return self._data[key]
 
     def task_data(self):
-        """The task data, loaded once."""
-        if self.data is None:
-            self.data, _ = runs.preflight(self.cfg)
-        return self.data
+        """The composed config's task data, loaded once."""
+        return self.data_for(self.cfg)
 
-    def get(self, cfg: RunConfig | None = None):
-        """A worker whose base matches cfg's model and quantization (loaded at most once)."""
+    def get(self, cfg: RunConfig | None = None) -> Worker:
+        """A worker whose base matches cfg's model and quantization and whose data matches cfg's data settings."""
         cfg = cfg or self.cfg
-        key = (repr(cfg.model), repr(cfg.quant))
-        if key not in self._workers:
-            self._workers[key] = runs.start_worker(cfg, self.task_data())
-        return self._workers[key]
+        bkey, dkey = base_key(cfg), repr(cfg.data)
+        if bkey in self._bases:
+            self._bases.move_to_end(bkey)
+        else:
+            data = self.data_for(cfg)
+            while len(self._bases) >= max(self.max_bases, 1):
+                self._evict(next(iter(self._bases)))
+            worker = runs.start_worker(cfg, data)
+            self._bases[bkey] = worker.base
+            self._workers[(bkey, dkey)] = worker
+        if (bkey, dkey) not in self._workers:
+            self._workers[(bkey, dkey)] = Worker(base=self._bases[bkey], data=self.data_for(cfg))
+        return self._workers[(bkey, dkey)]
+
+    def _evict(self, bkey) -> None:
+        """Release a base: drop every reference this holds, unfreeze so cycles among its objects can go, collect."""
+        log.info("releasing base %s to load another", self._bases[bkey].name)
+        del self._bases[bkey]
+        for key in [k for k in self._workers if k[0] == bkey]:
+            del self._workers[key]
+        gc.unfreeze()  # start_worker froze the base out of the collector's walks
+        hardware.release_memory()
+        hardware.freeze_long_lived()
+
+
+def base_key(cfg: RunConfig) -> str:
+    """What a loaded base depends on: the model's weights and dtype, the quantization (and, for a quantized base,
+    gradient checkpointing, which peft's k-bit preparation sets on the model)."""
+    m = cfg.model
+    model = (m.name, m.source, m.path, m.revision, m.gguf_package, m.gguf_file, m.dtype, m.attn_implementation,
+             m.trust_remote_code, repr(m.tiny))
+    quant = (repr(cfg.quant), cfg.trainer.gradient_checkpointing) if cfg.quant.mode != "none" else "none"
+    return repr((model, quant))
 
 
 def preflight_sweep(cfg: RunConfig) -> None:
-    """Everything checkable before training: config, sweep file, and every target preset the space can pick."""
+    """Everything checkable before training: config, sweep file, and every target preset the space can pick (on
+    every model it can pick)."""
     validate(cfg)
     check_sweep(cfg)
-    meta = models.meta_model(models.architecture(cfg.model, cfg.cache_dir))
-    trial_cfg = space_lib.apply(cfg, dict(cfg.sweep.trial))
-    for corner in space_lib.corners(cfg.sweep.space):
-        if any(k.startswith("lora.") for k in corner):
-            lora_cfg = space_lib.apply(trial_cfg, corner)
-            adapters.check_targets(lora_cfg.lora, lora_cfg.model, meta)
+    metas: dict = {}
+    trial_cfg = space_lib.trial_base(cfg)
+    for corner in [{}] + space_lib.corners(cfg.sweep.space):
+        if corner and not any(k.startswith(("lora.", "model.")) for k in corner):
+            continue
+        corner_cfg = space_lib.apply(trial_cfg, corner)
+        key = repr(corner_cfg.model)
+        if key not in metas:
+            metas[key] = models.meta_model(models.architecture(corner_cfg.model, cfg.cache_dir))
+        adapters.check_targets(corner_cfg.lora, corner_cfg.model, metas[key])
 
 
 def _stage_done(out, stage: str, cid: str) -> bool:
@@ -92,7 +139,7 @@ def run(cfg: RunConfig, overrides: list[str] = ()) -> int:
             log.info("%s already done for this promoted run: skipped", name)
             continue
         log.info("%s ...", name)
-        result = fn(full_cfg, out, workers.task_data())
+        result = fn(full_cfg, out, workers.data_for(full_cfg))
         if name == "benchmark":
             tracking.log_benchmark(full_cfg, out, result)
         _mark_done(out, name, cid)

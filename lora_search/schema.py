@@ -146,16 +146,26 @@ class NightlyConfig:
     night: Optional[str] = None  # the night's label (results/<study>/nights/<night>/); default today's date
 
 
+# The direction each sweep metric is optimized in (sweep.direction=auto follows it).
+METRIC_DIRECTIONS = {"eval_loss": "minimize", "perplexity": "minimize", "exact_match": "maximize",
+                     "train_tokens_per_s": "maximize"}
+
+
 @dataclass
 class SweepConfig:
     name: str = "rank_lr"  # study name (results/<name>/); the sweep file's name unless set
     n_trials: int = 8  # finished (complete or pruned) trials the study needs, across all runs and workers
     timeout_s: Optional[float] = None  # wall-clock budget for the search in this invocation
     metric: str = "eval_loss"  # the objective: a key of a trial's metrics (eval_loss, exact_match, perplexity)
-    direction: str = "minimize"  # minimize | maximize
-    # The sampler and pruner: a name (sweep.sampler=random) or {type: name, **constructor kwargs}.
-    sampler: Any = field(default_factory=lambda: {"type": "tpe", "seed": 0})  # tpe | random | grid | cmaes
-    pruner: Any = field(default_factory=lambda: {"type": "median"})  # median | successive_halving | hyperband | none
+    # auto: the metric's own direction (METRIC_DIRECTIONS); an explicit direction against it is refused
+    direction: str = "auto"  # auto | minimize | maximize
+    # The sampler and pruner: a name (sweep.sampler=random) or {type: name, **constructor kwargs}. A mapping in a
+    # sweep file or on the command line replaces the default whole (nothing merged in: no seed unless it says so).
+    sampler: Any = "tpe"  # tpe | random | grid | cmaes
+    pruner: Any = "median"  # median | successive_halving | hyperband | none
+    # metric=exact_match: eval items each trial answers by greedy generation (its cost is the trial's exact_match_s);
+    # other metrics generate nothing in trials. sweep.trial's trainer.exact_match_items, when given, wins.
+    exact_match_items: int = 16
     space: Dict[str, Any] = field(default_factory=dict)  # dotted config key -> {type, low, high, log, step, choices}
     enqueue: List[Dict[str, Any]] = field(default_factory=list)  # trials to run first: {dotted key: value}
     trial: Dict[str, Any] = field(default_factory=dict)  # dotted overrides for the short trials

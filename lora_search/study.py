@@ -5,28 +5,30 @@ runs pruned trials on one loaded base, recording each in the study and in result
 from __future__ import annotations
 
 import logging
-import re
 import time
 from pathlib import Path
 
 import optuna
+import sqlalchemy
 from optuna.trial import TrialState
 
-from lora_search import launch, records, tracking, trial as space_lib
+from lora_search import launch, records, storage, tracking, trial as space_lib
 from lora_search.launch import worker_id
 from lora_search.errors import ConfigError, LoraSearchError
 from lora_search.pruning import PruningCallback, TrialStopped
-from lora_search.schema import RunConfig
-from lora_search.train import Worker, prepare_data, train_adapter
+from lora_search.schema import METRIC_DIRECTIONS, RunConfig
+from lora_search.train import prepare_data, train_adapter, trained_on
 from lora_search.validate import validate
 
 log = logging.getLogger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 SAMPLERS = ("tpe", "random", "grid", "cmaes")
 PRUNERS = ("median", "successive_halving", "hyperband", "none")
-METRICS = ("eval_loss", "perplexity", "exact_match", "train_tokens_per_s")
-# Keys that change how the data is tokenized (train.data_key): a space over them has no one copy to prepare up front
-DATA_KEYS = {"trainer.max_length", "trainer.packing", "trainer.padding_free", "data.format"}
+METRICS = tuple(METRIC_DIRECTIONS)  # eval_loss, perplexity, exact_match, train_tokens_per_s
+# Keys that change how the data is tokenized (train.data_key), or which base and data a trial gets (pipeline.Workers):
+# a space over them has no one copy to prepare up front
+DATA_KEYS = {"trainer.max_length", "trainer.packing", "trainer.padding_free", "trainer.gradient_checkpointing"}
+RELOAD = ("data.", "model.", "quant.")
 
 
 def study_dir(cfg: RunConfig) -> Path:
@@ -34,11 +36,8 @@ def study_dir(cfg: RunConfig) -> Path:
     return Path(cfg.results_dir) / cfg.sweep.name
 
 
-def storage_url(cfg: RunConfig) -> str:
-    """sweep.storage, or SQLite at results/<study>/study.db."""
-    if cfg.sweep.storage:
-        return cfg.sweep.storage
-    return f"sqlite:///{(study_dir(cfg) / 'study.db').resolve()}"
+storage_url = storage.storage_url  # sweep.storage, else $LORA_SEARCH_STORAGE, else results/<study>/study.db
+check_storage = storage.check_storage  # opens the storage's connection only: for checks before anything runs
 
 
 def _build(kind_map: dict, spec, what: str, accepted: tuple):
@@ -78,25 +77,29 @@ def make_pruner(cfg: RunConfig):
 def check_sweep(cfg: RunConfig) -> None:
     """Every problem with the sweep file, raised once, before anything trains."""
     s = cfg.sweep
-    problems = space_lib.check_space(s.space)
-    if s.direction not in ("minimize", "maximize"):
-        problems.append(f"sweep.direction must be minimize or maximize; got {s.direction!r}")
+    problems = space_lib.check_space(s.space) + space_lib.check_inits(cfg)
+    own = METRIC_DIRECTIONS.get(s.metric)
+    if s.direction not in ("minimize", "maximize", "auto"):
+        problems.append(f"sweep.direction must be auto (the metric's), minimize or maximize; got {s.direction!r}")
+    elif own and s.direction not in (own, "auto"):
+        problems.append(f"sweep.direction={s.direction} contradicts sweep.metric={s.metric}, which is {own[:-1]}ed; "
+                        f"leave sweep.direction out (auto) or set it to {own}")
     if s.metric not in METRICS:
         problems.append(f"sweep.metric must be one of {', '.join(METRICS)}; got {s.metric!r}")
     if s.metric == "exact_match" and not cfg.data.exact_match:
         problems.append(f"sweep.metric=exact_match needs data with exact answers (data.exact_match), data={cfg.data.name}")
+    items = s.trial.get("trainer.exact_match_items", s.exact_match_items)
+    if s.metric == "exact_match" and not (isinstance(items, int) and items > 0):
+        where = "sweep.trial's trainer.exact_match_items" if "trainer.exact_match_items" in s.trial else \
+            "sweep.exact_match_items"
+        problems.append(f"sweep.metric=exact_match needs eval items answered in every trial; {where} is {items!r} "
+                        "(a positive integer: sweep.exact_match_items, default 16)")
     if not isinstance(s.n_trials, int) or s.n_trials < 1:
         problems.append(f"sweep.n_trials must be a positive integer, got {s.n_trials!r}")
-    n = s.nightly
-    if n.enabled:
-        if not isinstance(n.trials_per_night, int) or n.trials_per_night < 1:
-            problems.append(f"sweep.nightly.trials_per_night must be a positive integer, got {n.trials_per_night!r}")
-        if not isinstance(n.seed_top_k, int) or n.seed_top_k < 0:
-            problems.append(f"sweep.nightly.seed_top_k must be an integer >= 0, got {n.seed_top_k!r}")
-        if not isinstance(n.margin, (int, float)) or n.margin < 0:
-            problems.append(f"sweep.nightly.margin must be a fraction >= 0 (0.01 = 1%), got {n.margin!r}")
-        if n.night is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(n.night)):
-            problems.append(f"sweep.nightly.night names a folder: letters, digits, '.', '_' and '-' only; got {n.night!r}")
+    if s.nightly.enabled:
+        from lora_search import nightly
+
+        problems.extend(nightly.check(s.nightly))
     if s.timeout_s is not None and s.timeout_s <= 0:
         problems.append(f"sweep.timeout_s must be positive or null, got {s.timeout_s!r}")
     for part in ("trial", "promotion"):
@@ -107,7 +110,7 @@ def check_sweep(cfg: RunConfig) -> None:
         raise ConfigError(problems)
     for maker in (make_sampler, make_pruner):
         maker(cfg)
-    trial_cfg = space_lib.apply(cfg, dict(s.trial))
+    trial_cfg = space_lib.trial_base(cfg)
     for corner in space_lib.corners(s.space) + [dict(e) for e in s.enqueue]:
         try:
             validate(space_lib.apply(trial_cfg, corner))
@@ -122,17 +125,13 @@ def open_study(cfg: RunConfig) -> optuna.Study:
     """Create or resume the study, with heartbeats so a dead worker's trial is failed and retried."""
     study_dir(cfg).mkdir(parents=True, exist_ok=True)
     url = storage_url(cfg)
-    # SQLite serialises writers: let a worker wait for the lock instead of failing its trial.
-    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    storage = optuna.storages.RDBStorage(
-        url,
-        engine_kwargs=engine,
-        heartbeat_interval=cfg.sweep.heartbeat_s,
-        grace_period=2 * cfg.sweep.heartbeat_s,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
-    )
-    study = optuna.create_study(study_name=cfg.sweep.name, storage=storage, load_if_exists=True,
-                                direction=cfg.sweep.direction, sampler=make_sampler(cfg), pruner=make_pruner(cfg))
+    rdb = storage.open_rdb(cfg, heartbeat_interval=cfg.sweep.heartbeat_s, grace_period=2 * cfg.sweep.heartbeat_s,
+                           heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+    try:
+        study = optuna.create_study(study_name=cfg.sweep.name, storage=rdb, load_if_exists=True,
+                                    direction=cfg.sweep.direction, sampler=make_sampler(cfg), pruner=make_pruner(cfg))
+    except sqlalchemy.exc.SQLAlchemyError as e:  # the server went away between opening and creating
+        raise storage.explain(url, e) from None
     if study.direction.name.lower() != cfg.sweep.direction:
         raise ConfigError(f"study {cfg.sweep.name!r} in {records.redact(url)} was created to "
                           f"{study.direction.name.lower()}, but sweep.direction={cfg.sweep.direction}")
@@ -159,8 +158,9 @@ def _record(out: Path, number: int, params: dict, cfg: RunConfig, metrics: dict,
 
 
 def _set_attrs(trial: optuna.Trial, metrics: dict, status: str, reason: str | None) -> None:
-    keep = ("eval_loss", "perplexity", "exact_match", "train_tokens_per_s", "peak_memory_mb",
-            "trainable_params", "wall_s", "steps")
+    keep = ("eval_loss", "perplexity", "exact_match", "train_tokens_per_s", "peak_memory_mb", "trainable_params",
+            "wall_s", "steps", "exact_match_s", "base_model", "base_quant", "base_dtype", "train_rows", "eval_data_rows",
+            "eval_rows")
     for key in keep:
         if key in metrics:
             trial.set_user_attr(key, metrics[key])
@@ -169,12 +169,13 @@ def _set_attrs(trial: optuna.Trial, metrics: dict, status: str, reason: str | No
         trial.set_user_attr("reason", reason)
 
 
-def objective_fn(cfg: RunConfig, worker: Worker):
-    """The Optuna objective: sample, apply, train with pruning, record, return the metric."""
-    base_cfg = space_lib.apply(cfg, dict(cfg.sweep.trial))
+def objective_fn(cfg: RunConfig, get_worker):
+    """The Optuna objective: sample, apply, get the base and data the trial's config names, train with pruning,
+    record, return the metric. get_worker(config) -> a Worker (pipeline.Workers.get)."""
+    base_cfg = space_lib.trial_base(cfg)
     maximize = cfg.sweep.direction == "maximize"
-    if not set(cfg.sweep.space) & DATA_KEYS:  # else each sampled batching tokenizes once, in its first trial
-        prepare_data(worker, base_cfg)
+    if not any(k in DATA_KEYS or k.startswith(RELOAD) for k in cfg.sweep.space):  # else tokenized in first use
+        prepare_data(get_worker(base_cfg), base_cfg)
 
     def objective(trial: optuna.Trial) -> float:
         t0 = time.perf_counter()
@@ -188,9 +189,11 @@ def objective_fn(cfg: RunConfig, worker: Worker):
         callback = PruningCallback(trial, "eval_loss", maximize=maximize, pruner=cfg.sweep.pruner)
         run = tracking.start(trial_cfg, study_dir(cfg), f"trial-{trial.number:04d}", "trial",
                              {"params": params, "trial": trial.number, "worker": worker_id()})
-        status, reason, metrics = "failed", "interrupted before the trial finished", {}
+        status, reason, metrics, used = "failed", "interrupted before the trial finished", {}, {}
         try:
             validate(trial_cfg)
+            worker = get_worker(trial_cfg)
+            used = trained_on(worker)  # recorded whatever the trial's outcome
             metrics = train_adapter(worker, trial_cfg, out, callbacks=[callback, tracking.StepLogger(run)],
                                     with_baseline=False, save=False)
             value = metrics.get(cfg.sweep.metric)
@@ -205,8 +208,8 @@ def objective_fn(cfg: RunConfig, worker: Worker):
             reason = f"{type(e).__name__}: {e}"
             raise
         finally:
-            _record(out, trial.number, params, trial_cfg, metrics, status, reason, callback)
-            _set_attrs(trial, metrics, status, reason)
+            _record(out, trial.number, params, trial_cfg, {**used, **metrics}, status, reason, callback)
+            _set_attrs(trial, {**used, **metrics}, status, reason)
             tracking.finish(run, {**metrics, "status": status, "reason": reason or ""}, tags=[status, reason],
                             exit_code=0 if status != "failed" else 1)
         if reason:
@@ -265,10 +268,10 @@ def search_stage(cfg: RunConfig, get_worker, overrides: list[str] = ()) -> optun
     log.info("study %s: %d of %d trials finished; storage %s", cfg.sweep.name, done, cfg.sweep.n_trials,
              records.redact(storage_url(cfg)))
     procs = launch.spawn(list(overrides), cfg.sweep.workers, study_dir(cfg) / "workers") if cfg.sweep.workers > 1 else []
-    worker = get_worker()
+    objective = objective_fn(cfg, get_worker)  # loads the base and tokenizes the data before the first trial
     started = time.perf_counter()
     study.optimize(
-        objective_fn(cfg, worker),
+        objective,
         timeout=cfg.sweep.timeout_s,
         callbacks=[optuna.study.MaxTrialsCallback(cfg.sweep.n_trials, states=FINISHED),
                    progress_callback(cfg, started, done)],

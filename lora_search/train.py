@@ -35,6 +35,17 @@ class Worker:
     baseline: dict | None = None  # base model's eval loss and exact match, computed once
 
 
+def trained_on(worker: Worker) -> dict:
+    """What a run on this worker trains on: the base as loaded (name, quantization read off the model, dtype) and
+    the data's row counts."""
+    qc = getattr(worker.base.model.config, "quantization_config", None)
+    qc = qc.to_dict() if hasattr(qc, "to_dict") else dict(qc or {})
+    quant = "int8" if qc.get("load_in_8bit") else qc.get("bnb_4bit_quant_type", "4bit") if qc.get("load_in_4bit") \
+        else "none"
+    return {"base_model": worker.base.name, "base_quant": quant, "base_dtype": str(worker.base.dtype).split(".")[-1],
+            "train_rows": len(worker.data.train), "eval_data_rows": len(worker.data.eval)}
+
+
 class StepTimer(TrainerCallback):
     """Time spent inside optimizer steps, so tokens/s leaves evals and setup out."""
 
@@ -163,7 +174,7 @@ def truncated(dataset, max_length: int):
 
 def data_key(cfg: RunConfig, padding_free: bool) -> tuple:
     """What the tokenized data depends on: runs that agree on it share one tokenized copy."""
-    return cfg.trainer.max_length, cfg.trainer.packing, cfg.data.format, padding_free
+    return cfg.trainer.max_length, cfg.trainer.packing, padding_free, repr(cfg.data)
 
 
 def _trainer(worker: Worker, peft_model, args, cfg: RunConfig, callbacks):
@@ -313,6 +324,7 @@ def _train(worker: Worker, cfg: RunConfig, out_dir: Path, callbacks, report_to, 
             "exact_match_s": em_s,
             "padding_free": args.padding_free,
             "eval_rows": len(full_eval) if cfg.trainer.final_eval == "full" else len(trainer.eval_dataset),
+            **trained_on(worker),
         })
         if save:
             peft_model.save_pretrained(out_dir / "adapter", safe_serialization=True)

@@ -60,16 +60,52 @@ def corners(space: dict) -> list[dict]:
     return out
 
 
+# Keys a trial cannot act on (prefix -> why): the space refuses them before anything trains.
+NOT_PER_TRIAL = {
+    "sweep.": "the study's own settings are fixed for the whole study",
+    "tracking.": "it sets how trials are logged, not what they train",
+    "benchmark.": "the benchmark stage reads it after the search; no trial does",
+    "dashboard.": "only the dashboard command reads it",
+    "stage": "it is set for the whole run", "force": "it is set for the whole run",
+    "worker": "it is set for the whole run", "run_name": "it is set for the whole run",
+    "results_dir": "it is set for the whole run", "cache_dir": "it is set for the whole run",
+}
+# LoRA inits that rewrite the base weights every trial shares (or need a data pass trials do not run): refused in
+# sweeps, accepted by stage=train.
+BASE_REWRITING = ("pissa", "olora", "loftq", "corda", "eva")
+
+
+def not_per_trial(key: str) -> str | None:
+    """Why a dotted key can never take effect in a trial, or None."""
+    for prefix, why in NOT_PER_TRIAL.items():
+        if key == prefix.rstrip(".") or (prefix.endswith(".") and key.startswith(prefix)):
+            return f"sweep.space: {key} cannot be swept: {why}; set it on the command line for the whole run"
+    return None
+
+
+def rewrites_base(init) -> bool:
+    """Whether a lora.init_lora_weights value rewrites the base model's weights (or needs EVA's data pass)."""
+    return isinstance(init, str) and (init in BASE_REWRITING or init.startswith(("pissa_niter_", "corda")))
+
+
 def check_space(space: dict) -> list[str]:
-    """Problems with the search space: unknown keys (with the closest ones) and bad distributions."""
+    """Problems with the search space: unknown keys (with the closest ones), keys no trial can act on, bad
+    distributions."""
     problems = []
     for key, dist in space.items():
-        key_problem = compose.check_key(key)
+        key_problem = compose.check_key(key) or not_per_trial(key)
         if key_problem:
-            problems.append(f"sweep.space: {key_problem}")
+            problems.append(key_problem if key_problem.startswith("sweep.space") else f"sweep.space: {key_problem}")
             continue
         problems.extend(check_distribution(key, dist))
     return problems
+
+
+def trial_base(cfg: RunConfig) -> RunConfig:
+    """The config every trial starts from: the composed config, then sweep.trial. Trials generate answers for
+    exact match only when it is the objective (sweep.exact_match_items of them) unless sweep.trial says otherwise."""
+    items = cfg.sweep.exact_match_items if cfg.sweep.metric == "exact_match" else 0
+    return apply(cfg, {"trainer.exact_match_items": items, **dict(cfg.sweep.trial)})
 
 
 def suggest(trial, space: dict) -> dict:
@@ -109,3 +145,19 @@ def apply(cfg: RunConfig, values: dict) -> RunConfig:
 def finite(value) -> bool:
     """Whether a metric value is a finite number."""
     return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def check_inits(cfg: RunConfig) -> list[str]:
+    """Refuse LoRA inits that rewrite the shared base, wherever a sweep could take one from: the composed lora,
+    sweep.trial, the space, sweep.enqueue, sweep.promotion."""
+    s = cfg.sweep
+    found = {"the composed config (lora=... or lora.init_lora_weights=...)": cfg.lora.init_lora_weights,
+             "sweep.trial": s.trial.get("lora.init_lora_weights"), "sweep.promotion": s.promotion.get("lora.init_lora_weights")}
+    dist = s.space.get("lora.init_lora_weights")
+    for value in dist.get("choices") or () if isinstance(dist, dict) else ():
+        found.setdefault(f"sweep.space (choice {value!r})", value)
+    for i, entry in enumerate(s.enqueue):
+        found[f"sweep.enqueue[{i}]"] = dict(entry).get("lora.init_lora_weights")
+    return [f"lora.init_lora_weights={value} from {where} rewrites the base model's weights, which every trial of "
+            "a sweep shares (eva: needs a data pass trials do not run); sweeps accept true, false, gaussian, "
+            "orthogonal (stage=train accepts it)" for where, value in found.items() if rewrites_base(value)]
