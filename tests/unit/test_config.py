@@ -146,3 +146,63 @@ def test_a_password_in_a_storage_url_is_never_written(make_cfg, tmp_path):
     text = (tmp_path / "sweep.yaml").read_text()
     assert "hunter2" not in text and "postgresql+psycopg://lora:***@db.example:5432/studies" in text
     assert records.redact("sqlite:////tmp/study.db") == "sqlite:////tmp/study.db"
+
+
+def _sweep_values(path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def _resolved(run: schema.RunConfig, raw: dict, name: str) -> None:
+    """Every value the sweep file (or block) gives is the resolved value; every other key is the schema default."""
+    default = schema.SweepConfig()
+    resolved = dataclasses.asdict(run.sweep)
+    for f in dataclasses.fields(schema.SweepConfig):
+        got = resolved[f.name]
+        if f.name in raw and f.name == "nightly":
+            assert got == {**dataclasses.asdict(default.nightly), **raw["nightly"]}, name
+        elif f.name in raw:
+            assert got == raw[f.name], (name, f.name, got, raw[f.name])
+        elif f.name == "direction":  # auto: the metric's own direction
+            assert got == schema.METRIC_DIRECTIONS[run.sweep.metric], name
+        elif f.name == "name":
+            assert got == name
+        else:
+            assert got == dataclasses.asdict(default)[f.name], (name, f.name, got)
+
+
+def test_every_shipped_sweep_resolves_to_exactly_what_its_file_says():
+    for name in compose.group_choices("sweep"):
+        raw = _sweep_values(compose.sweeps_dir() / f"{name}.yaml")
+        _resolved(load_config([f"sweep={name}"]), raw, name)
+    nightly = load_config(["sweep=nightly"]).sweep.sampler
+    assert nightly == {"type": "tpe", "n_startup_trials": 4, "multivariate": True}  # no seed: a new one each night
+
+
+def test_a_mapping_on_the_command_line_replaces_the_files_mapping():
+    cfg = load_config(["sweep=rank_lr", "sweep.sampler={type: random}", "sweep.pruner={type: hyperband}",
+                       "++sweep.trial={trainer.max_steps: 3}", "++sweep.promotion={trainer.max_steps: 9}",
+                       "++sweep.space={lora.r: {type: categorical, choices: [2, 4]}}"])
+    s = cfg.sweep
+    assert (s.sampler, s.pruner) == ({"type": "random"}, {"type": "hyperband"})
+    assert (s.trial, s.promotion) == ({"trainer.max_steps": 3}, {"trainer.max_steps": 9})
+    assert s.space == {"lora.r": {"type": "categorical", "choices": [2, 4]}}
+    assert load_config(["sweep.sampler=random"]).sweep.sampler == "random"
+    # A key inside a mapping still updates that key, in command-line order.
+    assert load_config(["sweep.sampler.seed=5"]).sweep.sampler == {"type": "tpe", "seed": 5, "n_startup_trials": 4,
+                                                                  "multivariate": True}
+    assert load_config(["sweep.sampler={type: random}", "sweep.sampler.seed=5"]).sweep.sampler == \
+        {"type": "random", "seed": 5}
+    assert load_config(["+lora.rank_pattern.q_proj=4"]).lora.rank_pattern == {"q_proj": 4}
+
+
+def test_the_readme_sweep_example_is_sweeps_rank_lr():
+    import re
+
+    import yaml
+
+    text = (compose.PACKAGE_ROOT / "README.md").read_text()
+    blocks = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if re.search(r"^name: rank_lr\b", b, re.M)]
+    assert len(blocks) == 1, "README.md must show sweeps/rank_lr.yaml in one ```yaml block"
+    assert yaml.safe_load(blocks[0]) == _sweep_values(compose.sweeps_dir() / "rank_lr.yaml")
