@@ -1,5 +1,6 @@
 """Load task data from the embedded generator, a local file or the hub, in any common layout.
 
+Files are read by `datafiles` (every value exactly the text in the file, never re-typed).
 Every layout becomes TRL's prompt/completion form: with `data.format=chat` both are message
 lists (the tokenizer's chat template formats them, and the loss covers the completion only),
 with `data.format=raw` both are plain strings.
@@ -9,13 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
+from lora_search import datafiles, datareport
 from lora_search import tasks as task_gen
 from lora_search.errors import DataError
 from lora_search.schema import DataConfig
-from lora_search.validate import DATA_SUFFIXES
 
 LAYOUT_COLUMNS = {
     "messages": ("messages",),
@@ -32,6 +32,7 @@ class TaskData:
     eval_answers: list[str]  # the reference completion text of each eval row
     layout: str
     fingerprint: str  # sha256 of every row: tells when the data changed
+    report: dict = field(default_factory=dict)  # datareport.build: rows read, dropped and why, duplicates, leakage
 
     def eval_prompts(self, n: int | None = None) -> list:
         """The first n eval prompts (message lists or strings), for generation."""
@@ -59,7 +60,7 @@ def _text(value) -> str:
 
 def _message_list(value, role: str) -> list[dict]:
     if isinstance(value, list):
-        return [{"role": m["role"], "content": _text(m["content"])} for m in value]
+        return [{"role": m.get("role"), "content": _text(m.get("content"))} for m in value]
     return [{"role": role, "content": _text(value)}]
 
 
@@ -72,7 +73,7 @@ def _from_sharegpt(turns: list[dict]) -> list[dict]:
 
     return [
         {"role": roles.get(r := first(t, "from", "role"), r), "content": _text(first(t, "value", "content"))}
-        for t in turns
+        for t in turns or []
     ]
 
 
@@ -81,9 +82,8 @@ def to_prompt_completion(row: dict, layout: str, cfg: DataConfig) -> tuple[list[
     if layout == "messages":
         msgs = _from_sharegpt(row["conversations"]) if "conversations" in row else _message_list(row["messages"], "user")
         cut = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
-        if cut is None or cut == 0:
-            return [], []
-        prompt, completion = msgs[:cut], [msgs[cut]]
+        # no assistant turn: no completion; an assistant turn first: no prompt (drop_reason names either)
+        prompt, completion = (msgs, []) if cut is None else (msgs[:cut], [msgs[cut]])
     elif layout == "prompt_completion":
         prompt, completion = _message_list(row["prompt"], "user"), _message_list(row["completion"], "assistant")
     elif layout == "alpaca":
@@ -111,40 +111,69 @@ def _required_columns(layout: str, cfg: DataConfig) -> tuple[str, ...]:
     return LAYOUT_COLUMNS[layout]
 
 
-def _load_raw(cfg: DataConfig):
-    """The raw table(s): (train table, eval table or None, where-label)."""
-    import datasets
-
+def _read(cfg: DataConfig):
+    """The raw tables: (train Table, eval Table or None)."""
+    where = f"data.path {cfg.path!r}"
     if cfg.source == "local":
-        path = Path(cfg.path)
-        builder = DATA_SUFFIXES[path.suffix.lower()]
-        try:
-            table = datasets.load_dataset(builder, data_files=str(path), split="train")
-        except Exception as e:
-            raise DataError(f"data.path {cfg.path!r}: cannot read it as {builder}: {str(e).splitlines()[0]}") from None
-        return table, None, f"data.path {cfg.path!r}"
-    table = datasets.load_dataset(cfg.path, cfg.subset, split=cfg.split, revision=cfg.revision)
-    eval_table = None
-    if cfg.eval_split:
-        eval_table = datasets.load_dataset(cfg.path, cfg.subset, split=cfg.eval_split, revision=cfg.revision)
-    return table, eval_table, f"data.path {cfg.path!r}"
+        train = datafiles.read_file(cfg.path, where)
+        evals = None
+    else:
+        splits = [cfg.split] + ([cfg.eval_split] if cfg.eval_split and not cfg.eval_path else [])
+        tables = datafiles.read_hub(cfg.path, cfg.subset, cfg.revision, splits)
+        train, evals = tables[cfg.split], tables.get(cfg.eval_split) if cfg.eval_split else None
+    if cfg.eval_path:
+        evals = datafiles.read_file(cfg.eval_path, f"data.eval_path {cfg.eval_path!r}")
+    return train, evals
 
 
-def _convert(table, layout: str, cfg: DataConfig, where: str) -> list[dict]:
-    missing = [c for c in _required_columns(layout, cfg) if c not in table.column_names]
-    if missing and not (layout == "messages" and "conversations" in table.column_names):
-        raise DataError(
-            f"{where} (layout {layout}) is missing column(s) {', '.join(missing)}; "
-            f"it has: {', '.join(table.column_names)}"
-        )
-    rows = []
-    for row in table:
+def _check_columns(table, layout: str, cfg: DataConfig) -> None:
+    cols = table.columns
+    missing = [c for c in _required_columns(layout, cfg) if c not in cols]
+    if missing and not (layout == "messages" and "conversations" in cols):
+        keys = ""
+        if layout == "columns":
+            keys = " (" + ", ".join(f"data.columns.{k}={v!r}" for k, v in cfg.columns.items() if v in missing) + ")"
+        raise DataError(f"{table.where} (layout {layout}) is missing column(s) {', '.join(missing)}{keys}; "
+                        f"it has: {', '.join(cols)}")
+    used = [c for c in (*_required_columns(layout, cfg), "conversations", "input", "context") if c in cols]
+    for col in used:
+        if col in table.untextable:
+            raise DataError(f"{table.where}: column {col} is {table.untextable[col]}, not text; "
+                            "store it as a string column")
+
+
+def drop_reason(prompt: list[dict], completion: list[dict]) -> str | None:
+    """Why a converted row cannot be trained on (None: it can)."""
+    if not completion:
+        return "without an assistant turn"
+    if not any(_text(m["content"]).strip() for m in prompt if m["role"] != "system"):
+        return "with an empty prompt"
+    if not _text(completion[-1]["content"]).strip():
+        return "with an empty completion"
+    return None
+
+
+def _convert(table, layout: str, cfg: DataConfig) -> tuple[list[dict], dict]:
+    """Usable rows and the table's stats: rows read, rows dropped by reason (with the first place)."""
+    if not table.rows:
+        raise DataError(f"{table.where} is empty (0 rows)")
+    _check_columns(table, layout, cfg)
+    rows, dropped = [], {}
+    for row, place in zip(table.rows, table.places):
         prompt, completion = to_prompt_completion(row, layout, cfg)
-        if prompt and completion and completion[-1]["content"].strip():
+        reason = drop_reason(prompt, completion)
+        if reason:
+            entry = dropped.setdefault(reason, {"rows": 0, "first": place})
+            entry["rows"] += 1
+        else:
             rows.append({"prompt": prompt, "completion": completion})
+    stats = {"source": table.where, "layout": layout, "rows_read": len(table.rows), "dropped": dropped,
+             "usable": len(rows)}
     if not rows:
-        raise DataError(f"{where}: no usable rows (every row had an empty prompt or completion)")
-    return rows
+        reasons = "; ".join(f"{d['rows']} row{'s' * (d['rows'] != 1)} {r} (first at {d['first']})"
+                            for r, d in dropped.items())
+        raise DataError(f"{table.where}: no usable rows: {reasons}")
+    return rows, stats
 
 
 def _embedded_rows(cfg: DataConfig):
@@ -174,30 +203,55 @@ def fingerprint(rows: list[dict]) -> str:
     return h.hexdigest()
 
 
+def _layout(table, cfg: DataConfig) -> str:
+    if cfg.layout != "auto":
+        return cfg.layout
+    if not table.rows:
+        raise DataError(f"{table.where} is empty (0 rows)")
+    return detect_layout(table.columns, table.where)
+
+
+def _held_out(rows: list[dict], cfg: DataConfig, where: str) -> tuple[list[dict], list[dict]]:
+    """datasets' train_test_split over row indices (the rows themselves never pass through Arrow here)."""
+    import datasets
+
+    if len(rows) < 2:
+        raise DataError(f"{where}: needs at least 2 usable rows to hold some out for evaluation, has {len(rows)}")
+    split = datasets.Dataset.from_dict({"i": list(range(len(rows)))}).train_test_split(
+        test_size=cfg.eval_fraction, seed=cfg.seed)
+    return [rows[i] for i in split["train"]["i"]], [rows[i] for i in split["test"]["i"]]
+
+
 def load_task_data(cfg: DataConfig) -> TaskData:
-    """Load, convert and split the data a config names."""
+    """Load, convert and split the data a config names; its data report says what was read and dropped."""
     import datasets
 
     if cfg.source == "embedded":
         train_rows, eval_rows = _embedded_rows(cfg)
         layout = "prompt_completion"
+        stats = {"source": "embedded tasks", "layout": layout, "rows_read": len(train_rows), "dropped": {},
+                 "usable": len(train_rows)}
+        eval_stats = {**stats, "source": "embedded tasks (eval)", "rows_read": len(eval_rows),
+                      "usable": len(eval_rows)}
     else:
-        table, eval_table, where = _load_raw(cfg)
-        layout = detect_layout(table.column_names, where) if cfg.layout == "auto" else cfg.layout
-        rows = _convert(table, layout, cfg, where)
+        table, eval_table = _read(cfg)
+        layout = _layout(table, cfg)
+        rows, stats = _convert(table, layout, cfg)
         if eval_table is not None:
-            train_rows, eval_rows = rows, _convert(eval_table, layout, cfg, f"{where} split {cfg.eval_split}")
+            eval_layout = _layout(eval_table, cfg)
+            eval_rows, eval_stats = _convert(eval_table, eval_layout, cfg)
+            train_rows = rows
         else:
-            if len(rows) < 2:
-                raise DataError(f"{where}: needs at least 2 usable rows to hold some out for evaluation, has {len(rows)}")
-            split = datasets.Dataset.from_list(rows).train_test_split(test_size=cfg.eval_fraction, seed=cfg.seed)
-            train_rows, eval_rows = split["train"].to_list(), split["test"].to_list()
+            train_rows, eval_rows = _held_out(rows, cfg, table.where)
+            eval_stats = {"source": f"held out from {table.where} (data.eval_fraction={cfg.eval_fraction})",
+                          "layout": layout, "rows_read": len(eval_rows), "dropped": {}, "usable": len(eval_rows)}
     if cfg.max_train_rows:
         train_rows = train_rows[: cfg.max_train_rows]
     if cfg.max_eval_rows:
         eval_rows = eval_rows[: cfg.max_eval_rows]
     answers = [r["completion"][-1]["content"] for r in eval_rows]
     digest = fingerprint(train_rows + eval_rows)
+    report = datareport.build(stats, eval_stats, train_rows, eval_rows)
     if cfg.format == "raw":
         train_rows, eval_rows = _as_raw_text(train_rows), _as_raw_text(eval_rows)
     return TaskData(
@@ -206,4 +260,5 @@ def load_task_data(cfg: DataConfig) -> TaskData:
         eval_answers=answers,
         layout=layout,
         fingerprint=digest,
+        report=report,
     )

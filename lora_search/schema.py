@@ -103,6 +103,7 @@ class DataConfig:
     revision: Optional[str] = None  # hub dataset revision
     split: str = "train"
     eval_split: Optional[str] = None  # an existing split to evaluate on; else eval_fraction is held out
+    eval_path: Optional[str] = None  # an eval file (json, jsonl, csv, parquet; any layout), instead of the above
     eval_fraction: float = 0.1
     layout: str = "auto"  # auto | messages | prompt_completion | alpaca | dolly | columns
     columns: Dict[str, str] = field(default_factory=dict)  # layout=columns: prompt/completion/system -> column
@@ -177,6 +178,11 @@ class SweepConfig:
 
 
 @dataclass
+class PreviewConfig:
+    rows: int = 5  # `preview`: rows shown as the model sees them (after the chat template)
+
+
+@dataclass
 class DashboardConfig:
     host: str = "127.0.0.1"  # optuna-dashboard has no authentication: bind elsewhere only on a trusted network
     port: int = 8080
@@ -193,6 +199,7 @@ class RunConfig:
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
     stage: str = "all"  # all (search, promote, merge, benchmark, report) | one of them | train
     force: bool = False  # re-run finished stages after the search (promotion, merge, benchmark)
     worker: int = 0  # this process's index among a study's workers (Hydra multirun: worker=range(8))

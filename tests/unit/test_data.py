@@ -107,7 +107,7 @@ def test_unreadable_file_is_a_data_error_naming_it(tmp_path):
     path.write_text('{"prompt": "a", "completion": ')
     with pytest.raises(DataError) as info:
         load_task_data(local(path))
-    assert str(path) in str(info.value) and "cannot read it as json" in str(info.value)
+    assert str(path) in str(info.value) and "invalid JSON on line 1, column 30" in str(info.value)
 
 
 # --- layouts ---------------------------------------------------------------------------------
@@ -316,7 +316,8 @@ def test_columns_layout_naming_absent_columns(tmp_path):
     with pytest.raises(DataError) as info:
         load_task_data(local(path, layout="columns", columns={"prompt": "question", "completion": "a"}))
     message = str(info.value)
-    assert "(layout columns)" in message and "missing column(s) question;" in message and "it has: q, a" in message
+    assert "(layout columns)" in message and "missing column(s) question (data.columns.prompt='question');" in message
+    assert "it has: q, a" in message
 
 
 def test_explicit_messages_layout_without_a_messages_column(tmp_path):
