@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(EXIT_USAGE)
         return
     try:
-        compose.check_overrides(argv)
+        compose.check_overrides(preflight.overrides_of(argv))
         if preflight.is_run(argv):
             preflight.check(preflight.compose(argv))
     except LoraSearchError as e:

@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 # Flags after which Hydra does something other than run the task (print the config, help, a multirun).
 NOT_A_RUN = ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--multirun", "-m", "--shell-completion",
              "-sc", "--resolve", "--package", "-p")
+# Hydra's flags that take the next argument as their value (`--cfg job`, `-p trainer`).
+WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
+              "--experimental-rerun", "--info", "-i")
 _checked: dict = {}  # repr(RunConfig) -> the task data its checks loaded
 
 
@@ -41,11 +44,24 @@ def compose_error(e: Exception) -> ConfigError:
     return ConfigError(f"cannot compose the configuration: {first}")
 
 
+def overrides_of(argv: list[str]) -> list[str]:
+    """The overrides on a command line: Hydra's flags and their values left out (`--cfg job` is not an override)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg.startswith("-"):
+            skip = arg in WITH_VALUE and arg not in ("--info", "-i")
+        else:
+            out.append(arg)
+    return out
+
+
 def compose(argv: list[str]) -> RunConfig:
     """The RunConfig the command line composes (Hydra's own keys left out); ConfigError on any failure."""
     from lora_search.compose import load_config
 
-    overrides = [a for a in argv if not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
+    overrides = [a for a in overrides_of(argv) if not a.lstrip("+~").startswith("hydra")]
     try:
         return load_config(overrides)
     except ConfigError:

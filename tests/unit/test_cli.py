@@ -88,3 +88,11 @@ def test_several_problems_are_listed_together(tmp_path):
     proc = cli("stage=train", "lora.r=0", "lora.dropout=3", f"results_dir={tmp_path}")
     assert proc.returncode == 2
     assert "2 problems" in proc.stderr and "lora.r" in proc.stderr and "lora.dropout" in proc.stderr
+
+
+def test_cfg_job_prints_the_composed_config_and_runs_nothing(tmp_path):
+    proc = cli("--cfg", "job", "model=tiny_llama", "lora.r=12", f"results_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    config = yaml.safe_load(proc.stdout)
+    assert config["model"]["name"] == "tiny_llama" and config["lora"]["r"] == 12
+    assert not any(tmp_path.iterdir())
