@@ -165,10 +165,11 @@ def quiet_optuna():
 # ---- the sweep every approach runs ----
 
 def trial_base(cfg: RunConfig) -> RunConfig:
-    """The composed config with the sweep's short-trial budget applied (max_steps, eval cadence, ...)."""
+    """The composed config with the sweep's short-trial budget applied (max_steps, eval cadence, ...), as a trial
+    starts from it."""
     from lora_search import trial as space_lib
 
-    return space_lib.apply(cfg, dict(cfg.sweep.trial))
+    return space_lib.trial_base(cfg)
 
 
 def sample(trial, cfg: RunConfig) -> dict:

@@ -162,8 +162,8 @@ def _night(cfg: RunConfig, get_worker, overrides, night: str, night_dir: Path) -
     log.info("night %s: %d trials to run (%d seeded from earlier nights: %s)", night,
              max(cfg.sweep.nightly.trials_per_night - ran, 0), len(seeds), seeds)
     study = search_stage(_with(cfg, n_trials=target), get_worker, overrides)
-    worker = get_worker()
-    prints = fingerprints(worker)
+    prints = fingerprints(get_worker())  # the composed base and tonight's data (no reference kept: promotion may
+    data = get_worker().data              # load the best trial's own base in its place)
     champion = records.read_json(out / "champion.json") or {}
     current = champion.get("champion")
     changed = [k for k, v in prints.items() if current and current.get("fingerprints", {}).get(k) != v]
@@ -183,17 +183,17 @@ def _night(cfg: RunConfig, get_worker, overrides, night: str, night_dir: Path) -
     promote_stage(cfg, study, lambda: get_worker(load_best(night_dir)), out=night_dir, best=best)
     full_cfg = load_best(night_dir)
     full = records.read_json(night_dir / "full" / "metrics.json")
-    candidate = score(full_cfg, night_dir / "full" / "adapter", worker.data)
+    candidate = score(full_cfg, night_dir / "full" / "adapter", data)
     candidate = full.get("full_value") if candidate is None else candidate
     champion_now = None
     if current and "model" not in changed:
-        champion_now = score(full_cfg, Path(current["adapter"]), worker.data)
+        champion_now = score(full_cfg, Path(current["adapter"]), data)
         champion_now = current.get("value") if champion_now is None and not changed else champion_now
     decision, reason = decide(cfg, current or None, candidate, champion_now, changed)
     entry.update(candidate_value=candidate, champion_value_now=champion_now, decision=decision, reason=reason)
     log.info("night %s: %s (%s)", night, decision.replace("_", " "), reason)
     if decision == "new_champion":
-        _crown(full_cfg, night_dir, worker.data)
+        _crown(full_cfg, night_dir, data)
         entry["champion_value_after"] = candidate
         entry["_champion"] = {"night": night, "trial": best.number, "value": candidate, "metric": cfg.sweep.metric,
                               "params": entry["best_params"], "fingerprints": prints,
