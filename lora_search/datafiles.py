@@ -56,7 +56,12 @@ def decode(data: bytes, where: str) -> str:
 
 
 def _columns(rows: list[dict]) -> list[str]:
-    return list(dict.fromkeys(k for r in rows for k in r))
+    """Every key of any row, in order of first appearance; a row without a key gets None there (as datasets does)."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    for r in rows:
+        for k in columns:
+            r.setdefault(k, None)
+    return columns
 
 
 def _objects(items: list, places: list[str], where: str) -> list[dict]:

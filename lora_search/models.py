@@ -166,6 +166,34 @@ def architecture(m: ModelConfig, cache_dir: str | None):
                           "model.path=<folder>)") from None
 
 
+def load_tokenizer(m: ModelConfig, cache_dir: str | None):
+    """The model's tokenizer alone (no weight is read): the tiny model's byte tokenizer, the embedded model's from
+    its safetensors cache or else from the GGUF file, a hub or local model's from its folder or repo."""
+    from transformers import AutoTokenizer
+
+    if m.source == "tiny":
+        tokenizer = byte_tokenizer()
+    elif m.source == "embedded":
+        gguf = embedded_gguf(m)
+        folder = cache_root(cache_dir) / "models" / f"{m.name}-{_key(CACHE_FORMAT, gguf.name, gguf.stat().st_size)}"
+        if (folder / "tokenizer_config.json").exists():
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            if "<|endoftext|>" in tokenizer.get_vocab() and tokenizer.pad_token == tokenizer.eos_token:
+                tokenizer.pad_token = "<|endoftext|>"  # as _convert_gguf sets it
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(m.path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+        except (OSError, ValueError) as e:  # offline, no such repo, no tokenizer files
+            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise ConfigError(f"model.path {m.path!r} (model={m.name}): cannot load its tokenizer: {first.strip()}") \
+                from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def meta_model(arch) -> torch.nn.Module:
     """The model's module tree on the meta device: names and shapes, no memory."""
     from transformers import AutoModelForCausalLM

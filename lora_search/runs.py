@@ -9,7 +9,7 @@ import logging
 import time
 from pathlib import Path
 
-from lora_search import adapters, hardware, models, records, tracking
+from lora_search import adapters, datareport, hardware, models, records, tracking
 from lora_search.data import load_task_data
 from lora_search.schema import RunConfig
 from lora_search.train import Worker, train_adapter
@@ -26,7 +26,26 @@ def preflight(cfg: RunConfig):
     meta = models.meta_model(arch)
     adapters.check_targets(cfg.lora, cfg.model, meta)
     log.info("data: %d train rows, %d eval rows (%s layout)", len(data.train), len(data.eval), data.layout)
+    for line in datareport.render(data.report).splitlines()[:2]:
+        log.info("data: %s", line)
     return data, meta
+
+
+_reported: dict = {}  # data report path -> fingerprint written there by this process
+
+
+def record_data(cfg: RunConfig, data, tokenizer, path: Path | None = None) -> dict:
+    """Count the data's tokens as TRL will (truncation at trainer.max_length), warn on truncation or leakage, and
+    write the data report to path (a second, different data set in one sweep goes to data_report-<fingerprint>)."""
+    report = data.report
+    if report.get("tokens", {}).get("max_length") != cfg.trainer.max_length:
+        datareport.add_tokens(report, data, tokenizer, cfg.trainer.max_length)
+        datareport.warn(report)
+    if path is not None:
+        if _reported.setdefault(path, data.fingerprint) != data.fingerprint:
+            path = path.with_name(f"{path.stem}-{data.fingerprint[:12]}.json")
+        records.write_json(path, {"fingerprint": data.fingerprint, **report})
+    return report
 
 
 def start_worker(cfg: RunConfig, data=None) -> Worker:
@@ -34,6 +53,8 @@ def start_worker(cfg: RunConfig, data=None) -> Worker:
     if data is None:
         data, _ = preflight(cfg)
     base = models.load_base(cfg.model, cfg.quant, cfg.cache_dir, cfg.trainer.gradient_checkpointing)
+    sweep_report = None if cfg.stage == "train" else Path(cfg.results_dir) / cfg.sweep.name / "data_report.json"
+    record_data(cfg, data, base.tokenizer, sweep_report)
     for package in ("peft", "trl", *(("wandb",) if tracking.enabled(cfg) else ())):
         importlib.import_module(package)  # what every trial uses: paid here, not by the first trial, and frozen
     worker = Worker(base=base, data=data)
@@ -67,6 +88,8 @@ def train_stage(cfg: RunConfig) -> Path:
     metrics["load_s"] = worker.base.load_s
     metrics["wall_s"] = time.perf_counter() - t0
     metrics["data_fingerprint"] = data.fingerprint
+    metrics.update(datareport.summary(data.report))
+    records.write_json(run_dir / "data_report.json", {"fingerprint": data.fingerprint, **data.report})
     records.write_json(run_dir / "metrics.json", metrics)
     records.write_status(run_dir, "complete")
     tracking.log_dir_artifact(run, run_dir / "adapter", f"adapter-{run_dir.name}", "model", metrics)

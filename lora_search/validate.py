@@ -128,7 +128,7 @@ def check_model_quant(problems: list[str], cfg: RunConfig) -> None:
 
 
 def check_data(problems: list[str], cfg: RunConfig) -> None:
-    """Data source, file existence and format, layout, split fraction."""
+    """Data source, file existence and format (data.path, data.eval_path), layout, split fraction."""
     from lora_search.tasks import TASKS
 
     d = cfg.data
@@ -155,6 +155,19 @@ def check_data(problems: list[str], cfg: RunConfig) -> None:
             problems.append(
                 f"data.path: unsupported file type {path.suffix!r}; accepted: {', '.join(DATA_SUFFIXES)}"
             )
+    if d.eval_path:
+        path = Path(d.eval_path)
+        if d.source == "embedded":
+            problems.append("data.eval_path needs data.source=local or hub (the embedded tasks have their own eval rows)")
+        elif d.eval_split:
+            problems.append(f"data.eval_path and data.eval_split are both set ({d.eval_path!r}, {d.eval_split!r}); "
+                            "set one: a separate eval file or a split of the dataset")
+        if "://" not in d.eval_path and not path.is_file():
+            problems.append(f"data.eval_path: no such file {d.eval_path!r}")
+        elif path.suffix.lower() not in DATA_SUFFIXES:
+            problems.append(
+                f"data.eval_path: unsupported file type {path.suffix!r}; accepted: {', '.join(DATA_SUFFIXES)}"
+            )
     if d.layout == "columns" and not {"prompt", "completion"} <= set(d.columns):
         problems.append(
             "data.layout=columns needs data.columns.prompt and data.columns.completion "
@@ -174,6 +187,6 @@ def validate(cfg: RunConfig) -> None:
     check_trainer(problems, cfg)
     check_data(problems, cfg)
     _choice(problems, "tracking.backend", cfg.tracking.backend, ("none", "wandb"))
-    _choice(problems, "tracking.mode", cfg.tracking.mode, ("offline", "online", "disabled"))
+    _choice(problems, "tracking.mode", cfg.tracking.mode, ("auto", "offline", "online", "disabled"))
     if problems:
         raise ConfigError(problems)
