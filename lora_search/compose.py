@@ -153,6 +153,23 @@ def mapping_overrides(args: list[str]) -> list[tuple[str, object]]:
     return found
 
 
+def hydra_overrides(args: list[str]) -> list[str]:
+    """The command line as Hydra should see it: a mapping for a free-form key (`sweep.pruner={type: hyperband,
+    min_resource: 1}`) is passed as `++key=...`, which Hydra accepts with keys the file's mapping lacks (a plain
+    override there is refused); to_run_config then sets the key to exactly the mapping."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser, out = OverridesParser.create(), []
+    for arg in args:
+        try:
+            ov = None if arg.startswith(("-", "+", "~")) else parser.parse_override(arg)
+        except Exception:  # not an override (a flag's value such as `--cfg job`): Hydra reads it as it is
+            ov = None
+        plain = ov is not None and ov.package is None and not ov.is_sweep_override() and "." in ov.key_or_group
+        out.append(f"++{arg}" if plain and isinstance(ov.value(), dict) and _in_free_form(ov.key_or_group) else arg)
+    return out
+
+
 def _in_free_form(key: str) -> bool:
     """Whether a dotted key is a free-form field of the schema (a dict or Any) or lies inside one."""
     dc: typing.Any = schema.RunConfig
@@ -190,5 +207,5 @@ def load_config(overrides: list[str] = ()) -> schema.RunConfig:
     register()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides))
+        cfg = compose(config_name="config", overrides=hydra_overrides(list(overrides)))
     return to_run_config(cfg, list(overrides))

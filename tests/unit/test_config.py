@@ -189,6 +189,10 @@ def test_a_mapping_on_the_command_line_replaces_the_files_mapping():
     assert (s.trial, s.promotion) == ({"trainer.max_steps": 3}, {"trainer.max_steps": 9})
     assert s.space == {"lora.r": {"type": "categorical", "choices": [2, 4]}}
     assert load_config(["sweep.sampler=random"]).sweep.sampler == "random"
+    # Keys the file's mapping lacks need no ++: the mapping is taken as given.
+    plain = load_config(["sweep.pruner={type: successive_halving, min_resource: 2}", "sweep.trial={trainer.eval_every: 1}"])
+    assert plain.sweep.pruner == {"type": "successive_halving", "min_resource": 2}
+    assert plain.sweep.trial == {"trainer.eval_every": 1}
     # A key inside a mapping still updates that key, in command-line order.
     assert load_config(["sweep.sampler.seed=5"]).sweep.sampler == {"type": "tpe", "seed": 5, "n_startup_trials": 4,
                                                                   "multivariate": True}

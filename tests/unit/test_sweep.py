@@ -12,6 +12,7 @@ from lora_search import pipeline, runs, study as study_lib, trial as space_lib
 from lora_search.errors import ConfigError
 from lora_search.pruning import PruningCallback, TrialStopped, decision_steps
 
+# ++sweep.trial={...} replaces the sweep file's whole trial block (a mapping on the command line is taken as given)
 SMALL = ["data.train_per_task=24", "data.eval_per_task=6", "++sweep.trial={trainer.max_steps: 8, trainer.eval_every: 2, "
          "trainer.batch_size: 4, trainer.exact_match_items: 4, trainer.max_new_tokens: 8}"]
 
@@ -111,7 +112,7 @@ def test_decision_steps_are_the_pruners_rungs(pruner, max_steps, expected):
 
 
 def test_successive_halving_trials_evaluate_at_its_rungs_only(make_cfg):
-    cfg = make_cfg(*SMALL, "stage=search", "sweep.n_trials=3", "sweep.pruner=null",
+    cfg = make_cfg(*SMALL, "stage=search", "sweep.n_trials=3",
                    "sweep.pruner={type: successive_halving, min_resource: 2, reduction_factor: 2}",
                    "++sweep.trial={trainer.max_steps: 8, trainer.eval_every: 1, trainer.batch_size: 4, "
                    "trainer.exact_match_items: 0, trainer.final_eval: subset}")
