@@ -6,12 +6,13 @@ import ipaddress
 import logging
 import socket
 
-import optuna
-from sqlalchemy.engine import make_url
+from pathlib import Path
 
+import optuna
+
+from lora_search import storage
 from lora_search.errors import ConfigError
 from lora_search.schema import RunConfig
-from lora_search.study import storage_url, study_dir
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +44,10 @@ def check_port(host: str, port) -> None:
 
 def open_storage(cfg: RunConfig) -> optuna.storages.RDBStorage:
     """The study's existing storage; never creates an empty study database."""
-    url = storage_url(cfg)
-    if not cfg.sweep.storage and not (study_dir(cfg) / "study.db").is_file():
-        raise ConfigError(f"no study at {study_dir(cfg) / 'study.db'}: run `python -m lora_search "
-                          f"sweep={cfg.sweep.name}` first")
-    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine)
-    except Exception as e:  # a bad URL, a missing driver, a server that does not answer
-        shown = make_url(url).render_as_string(hide_password=True) if "://" in url else url
-        raise ConfigError(f"cannot open the study storage {shown}: {str(e).splitlines()[0]}") from None
+    default = Path(cfg.results_dir) / cfg.sweep.name / "study.db"
+    if storage.storage_url(cfg) == storage.default_url(cfg) and not default.is_file():
+        raise ConfigError(f"no study at {default}: run `python -m lora_search sweep={cfg.sweep.name}` first")
+    return storage.open_rdb(cfg)  # one ConfigError line, password masked, when it cannot be opened
 
 
 def page_url(host: str, port: int, study_id: int | None) -> str:
@@ -66,16 +61,16 @@ def serve(cfg: RunConfig) -> None:
     import optuna_dashboard
 
     host, port = cfg.dashboard.host, cfg.dashboard.port
-    storage = open_storage(cfg)
+    rdb = open_storage(cfg)
     check_port(host, port)
     if not is_loopback(host):
         log.warning("dashboard bound to %s:%s: optuna-dashboard has no authentication, so anyone who can reach "
                     "%s:%s can read and change the study; use only on a trusted network", host, port, host, port)
     try:
-        study_id = storage.get_study_id_from_name(cfg.sweep.name)
+        study_id = rdb.get_study_id_from_name(cfg.sweep.name)
     except KeyError:
         study_id = None
         log.warning("study %s is not in the storage yet: the dashboard lists the studies it has", cfg.sweep.name)
     print(f"optuna-dashboard for study {cfg.sweep.name}: {page_url(host, port, study_id)} (Ctrl-C to stop)",
           flush=True)
-    optuna_dashboard.run_server(storage, host=host, port=port)
+    optuna_dashboard.run_server(rdb, host=host, port=port)

@@ -15,15 +15,10 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from lora_search import hardware
+from lora_search import hardware, secrets
 
 SECRET_KEYS = re.compile(r"(^|_)(api_?key|token|password|secret|auth)$", re.I)
-URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^:/@\s]+:)[^@\s]+(?=@)", re.I)
-
-
-def redact(text: str) -> str:
-    """A URL's password replaced by *** (postgresql://user:***@host/db)."""
-    return URL_PASSWORD.sub(r"\g<head>***", text)
+redact = secrets.mask  # URL passwords (postgresql://user:***@host/db) and known secret values replaced by ***
 
 
 def _jsonable(value):
@@ -37,10 +32,10 @@ def _jsonable(value):
 
 
 def write_text(path: Path, text: str) -> None:
-    """Write a file atomically."""
+    """Write a file atomically, secrets masked (secrets.mask)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
+    tmp.write_text(secrets.mask(text))
     tmp.replace(path)
 
 
@@ -57,15 +52,16 @@ def read_json(path: Path) -> dict | None:
 def config_dict(cfg) -> dict:
     """A RunConfig as plain data with secret-looking values masked."""
     data = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else OmegaConf.to_container(cfg, resolve=True)
+    return masked(data)
 
-    def mask(node):
-        if isinstance(node, dict):
-            return {k: ("***" if SECRET_KEYS.search(str(k)) and v else mask(v)) for k, v in node.items()}
-        if isinstance(node, list):
-            return [mask(v) for v in node]
-        return redact(node) if isinstance(node, str) else node
 
-    return mask(data)
+def masked(node):
+    """Plain data with secret-named keys' values and secrets inside strings replaced by ***."""
+    if isinstance(node, dict):
+        return {k: (secrets.MASK if SECRET_KEYS.search(str(k)) and v else masked(v)) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [masked(v) for v in node]
+    return secrets.mask(node) if isinstance(node, str) else node
 
 
 def write_config(path: Path, cfg) -> None:

@@ -123,7 +123,7 @@ class DataConfig:
 class TrackingConfig:
     name: str = "none"
     backend: str = "none"  # none | wandb
-    mode: str = "offline"  # offline | online (needs WANDB_API_KEY) | disabled
+    mode: str = "auto"  # auto (online when WANDB_API_KEY is set, else offline) | offline | online | disabled
     project: str = "lora_search"
     entity: Optional[str] = None
     tags: List[str] = field(default_factory=list)
@@ -171,7 +171,9 @@ class SweepConfig:
     enqueue: List[Dict[str, Any]] = field(default_factory=list)  # trials to run first: {dotted key: value}
     trial: Dict[str, Any] = field(default_factory=dict)  # dotted overrides for the short trials
     promotion: Dict[str, Any] = field(default_factory=dict)  # dotted overrides for the full run of the best
-    storage: Optional[str] = None  # an Optuna storage URL; default sqlite:///results/<name>/study.db
+    # An SQLAlchemy URL for Optuna; default $LORA_SEARCH_STORAGE, else sqlite:///results/<name>/study.db. A password
+    # given here on the command line is moved to $LORA_SEARCH_STORAGE and masked in everything written.
+    storage: Optional[str] = None
     workers: int = 1  # worker processes on this machine (one per GPU: CUDA_VISIBLE_DEVICES is split)
     heartbeat_s: int = 60  # a worker silent for 2x this is dead: its trial is failed and retried once
     nightly: NightlyConfig = field(default_factory=NightlyConfig)

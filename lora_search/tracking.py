@@ -1,9 +1,10 @@
 """Weights & Biases: one run per trial (grouped by study, job type `trial`), one for the full
 training run (adapter as an artifact), one for the benchmark and one sweep summary.
 
-Offline by default, under results/<study>/wandb/ (`wandb sync` uploads them later); online when
-WANDB_API_KEY is set or tracking.mode=online. Tracking never fails a trial: the first W&B error
-is logged once as a warning, and from then on this process stops calling W&B.
+tracking.mode=auto (the default): online when WANDB_API_KEY is set, else offline under results/<study>/wandb/
+(`wandb sync` uploads them later); an explicit offline, online or disabled is always honoured. Tracking never
+fails a trial: the first W&B error is logged once as a warning, and from then on this process stops calling W&B.
+Secrets are masked in what W&B receives: the config, summary strings and tags.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import functools
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 
 from transformers import TrainerCallback
 
-from lora_search import records
+from lora_search import records, secrets
 from lora_search.schema import RunConfig
 
 log = logging.getLogger(__name__)
@@ -46,12 +48,14 @@ def enabled(cfg: RunConfig) -> bool:
 
 
 def mode(cfg: RunConfig) -> str:
-    """online when tracking.mode=online or WANDB_API_KEY is set, else offline."""
-    return "online" if cfg.tracking.mode == "online" or os.environ.get("WANDB_API_KEY") else "offline"
+    """tracking.mode as given; auto: online when WANDB_API_KEY is set, else offline."""
+    if cfg.tracking.mode == "auto":
+        return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+    return cfg.tracking.mode
 
 
 def _tags(tags) -> list[str]:
-    return [str(t)[:TAG_MAX] for t in tags if t]
+    return [secrets.mask(str(t))[:TAG_MAX] for t in tags if t]
 
 
 def _scalars(metrics: dict, prefix: str = "") -> dict:
@@ -67,7 +71,7 @@ def _scalars(metrics: dict, prefix: str = "") -> dict:
             if math.isfinite(value):
                 out[name] = value
         elif isinstance(value, str) and len(value) < 200:
-            out[name] = value
+            out[name] = secrets.mask(value)
     return out
 
 
@@ -81,14 +85,20 @@ def start(cfg: RunConfig, run_dir: Path, name: str, job_type: str, config: dict 
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    full = {**records.config_dict(cfg), **(config or {})}  # secrets masked by records.config_dict
+    full = {**records.config_dict(cfg), **records.masked(config or {})}  # secrets masked
     return wandb.init(
         project=cfg.tracking.project, entity=cfg.tracking.entity, dir=str(run_dir), name=name,
         group=group or cfg.sweep.name, job_type=job_type, config=full, tags=_tags([*cfg.tracking.tags, *tags]),
         mode=mode(cfg), reinit="create_new",
         settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, disable_git=True,
-                                save_code=False),
+                                save_code=False, x_disable_meta=_argv_has_secrets()),
     )
+
+
+def _argv_has_secrets() -> bool:
+    """W&B's run metadata records sys.argv: leave the metadata out when the command line holds a secret."""
+    line = "\0".join(sys.argv)
+    return secrets.mask(line) != line
 
 
 @_safe

@@ -76,22 +76,34 @@ def test_a_failure_inside_a_run_does_not_fail_the_trial(make_cfg, monkeypatch, c
     assert "disk full" in caplog.text
 
 
-def test_offline_by_default_online_with_a_key_or_when_asked(make_cfg, monkeypatch):
+def test_auto_by_default_and_an_explicit_mode_always_honoured(make_cfg, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    assert tracking.mode(make_cfg(tracking="wandb")) == "offline"
+    assert make_cfg(tracking="wandb").tracking.mode == "auto"
+    assert tracking.mode(make_cfg(tracking="wandb")) == "offline"  # auto without a key
     assert tracking.mode(make_cfg("tracking.mode=online", tracking="wandb")) == "online"
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    assert tracking.mode(make_cfg(tracking="wandb")) == "online"
+    assert tracking.mode(make_cfg(tracking="wandb")) == "online"  # auto with a key
+    assert tracking.mode(make_cfg("tracking.mode=offline", tracking="wandb")) == "offline"  # the key does not win
     assert not tracking.enabled(make_cfg("tracking.mode=disabled", tracking="wandb"))
     assert not tracking.enabled(make_cfg(tracking="none"))
     assert tracking.start(make_cfg(tracking="none"), "unused", "x", "trial") is None
+
+
+def test_an_explicit_offline_with_a_key_writes_offline_runs(make_cfg, wandb_runs, monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)  # a key that would make an online run try the network
+    cfg = make_cfg("tracking.mode=offline", tracking="wandb")
+    run = tracking.start(cfg, tmp_path, "probe", "trial", {"note": "postgresql://u:hunter2x@db/x"})
+    tracking.finish(run, {"reason": "failed at postgresql://u:hunter2x@db/x"})
+    probe = wandb_runs(tmp_path)["probe"]
+    assert probe["config"]["note"] == "postgresql://u:***@db/x" and probe["summary"]["reason"].endswith("u:***@db/x")
+    assert not tracking._broken
 
 
 def test_the_default_config_tracks_to_wandb():
     from lora_search.compose import load_config
 
     cfg = load_config([])
-    assert (cfg.tracking.backend, cfg.tracking.mode) == ("wandb", "offline")
+    assert (cfg.tracking.backend, cfg.tracking.mode) == ("wandb", "auto")
 
 
 def test_summaries_flatten_nested_numbers_and_drop_what_wandb_cannot_chart():
