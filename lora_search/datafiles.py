@@ -78,7 +78,7 @@ def read_json(text: str, where: str) -> Table:
     if not stripped:
         return Table([], [], [], where)
     try:
-        whole = _DECODER.decode(stripped)
+        whole = _DECODER.decode(text)  # surrounding whitespace is allowed: lines and columns stay the file's
     except json.JSONDecodeError as e:
         if stripped.startswith("["):
             raise DataError(f"{where}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
@@ -95,7 +95,7 @@ def read_json(text: str, where: str) -> Table:
         if not line.strip():
             continue
         try:
-            items.append(_DECODER.decode(line.strip()))
+            items.append(_DECODER.decode(line))
         except json.JSONDecodeError as e:
             raise DataError(f"{where}: invalid JSON on line {n}, column {e.colno}: {e.msg}") from None
         places.append(f"line {n}")

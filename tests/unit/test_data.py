@@ -107,7 +107,7 @@ def test_unreadable_file_is_a_data_error_naming_it(tmp_path):
     path.write_text('{"prompt": "a", "completion": ')
     with pytest.raises(DataError) as info:
         load_task_data(local(path))
-    assert str(path) in str(info.value) and "invalid JSON on line 1, column 30" in str(info.value)
+    assert str(path) in str(info.value) and "invalid JSON on line 1, column 31" in str(info.value)
 
 
 # --- layouts ---------------------------------------------------------------------------------

@@ -163,3 +163,170 @@ def test_a_json_file_holding_json_lines_and_a_bom_are_read(tmp_path):
     path.write_bytes(b"\xef\xbb\xbf" + b'{"prompt": "p1", "completion": "0.10"}\n{"prompt": "p2", "completion": "2e5"}\n')
     data = load_task_data(DataConfig(source="local", path=str(path), eval_fraction=0.5))
     assert all_pairs(data) == [("p1", "0.10"), ("p2", "2e5")]
+
+
+# --- bad data files: one line naming the file (and line, column or key) and what is accepted -----------------
+
+
+def local(path, **kw):
+    return DataConfig(source="local", path=str(path), **kw)
+
+
+def error_of(cfg) -> str:
+    with pytest.raises(DataError) as info:
+        load_task_data(cfg)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("name, content", [("e.jsonl", ""), ("e.json", "[]"), ("e.csv", "prompt,completion\n"),
+                                           ("blank.jsonl", "\n\n  \n")])
+def test_an_empty_file_is_named_with_zero_rows(tmp_path, name, content):
+    (tmp_path / name).write_text(content)
+    assert error_of(local(tmp_path / name)) == f"data.path {str(tmp_path / name)!r} is empty (0 rows)"
+
+
+def test_an_empty_parquet_file_is_named_with_zero_rows(tmp_path):
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string()), "completion": pa.array([], pa.string())}),
+                   tmp_path / "e.parquet")
+    assert error_of(local(tmp_path / "e.parquet")).endswith("is empty (0 rows)")
+
+
+def test_invalid_json_names_the_line_and_column(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "c", "completion": "d"}\n{"prompt": "e" "x"}\n')
+    message = error_of(local(path))
+    assert str(path) in message and "invalid JSON on line 3, column 16" in message
+    listed = tmp_path / "bad.json"
+    listed.write_text('\n[\n {"prompt": "a", "completion": "b"},\n {"prompt": 007}\n]')
+    assert "invalid JSON at line 4, column 14" in error_of(local(listed))
+
+
+def test_a_row_that_is_not_an_object_is_named(tmp_path):
+    path = tmp_path / "list.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n["a", "b"]\n')
+    assert "line 2: expected a JSON object" in error_of(local(path))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_a_file_that_is_not_utf8_names_the_byte_and_line_and_says_save_as_utf8(tmp_path, suffix):
+    path = tmp_path / f"latin1{suffix}"
+    text = ('{"prompt": "a", "completion": "b"}\n{"prompt": "café", "completion": "x"}\n' if suffix == ".jsonl"
+            else "prompt,completion\na,b\ncafé,x\n")
+    path.write_bytes(text.encode("latin-1"))
+    offset = text.encode("latin-1").index(b"\xe9")
+    message = error_of(local(path))
+    assert str(path) in message and f"is not UTF-8 text: byte {offset} (line {text[:text.index('é')].count(chr(10)) + 1})" \
+        in message and "save it as UTF-8" in message
+
+
+def test_csv_row_with_too_many_cells_names_its_line(tmp_path):
+    path = tmp_path / "cells.csv"
+    path.write_text("prompt,completion\na,b\nc,d,e\n")
+    assert "line 3: 3 cells but the header has 2 columns" in error_of(local(path))
+
+
+def test_csv_messages_cell_that_is_not_json_names_line_and_column(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_text('messages\n"[{""role"": ""user"", ""content"": ""q""}]"\nnot json\n')
+    assert "line 3: column messages must hold a JSON list of messages" in error_of(local(path))
+
+
+def test_messages_without_an_assistant_turn_are_named_with_the_first_line(tmp_path):
+    path = write(tmp_path / "chat.jsonl", [{"messages": [user(f"q{k}")]} for k in range(12)])
+    assert error_of(local(path)) == (f"data.path {str(path)!r}: no usable rows: 12 rows without an assistant turn "
+                                     "(first at line 1)")
+
+
+def test_no_usable_rows_groups_every_reason(tmp_path):
+    rows = [{"messages": [user("q")]}, {"messages": [user("q"), assistant(" ")]},
+            {"messages": [user(""), assistant("a")]}, {"messages": [assistant("a")]}]
+    message = error_of(local(write(tmp_path / "chat.json", rows)))
+    assert message.endswith("no usable rows: 1 row without an assistant turn (first at row 1); 1 row with an empty "
+                            "completion (first at row 2); 2 rows with an empty prompt (first at row 3)")
+
+
+def test_a_column_mapping_to_a_missing_column_names_key_column_and_the_columns_there(tmp_path):
+    path = write(tmp_path / "qa.csv", [{"question": "q", "answer": "a"}] * 3)
+    message = error_of(local(path, layout="columns", columns={"prompt": "question", "completion": "answr"}))
+    assert "missing column(s) answr (data.columns.completion='answr')" in message and "it has: question, answer" in message
+
+
+def test_an_unreachable_hub_dataset_is_one_line_naming_data_path(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    message = error_of(DataConfig(source="hub", path="nobody/nothing-here"))
+    assert message.startswith("data.path 'nobody/nothing-here' (data.source=hub): cannot reach or find this dataset")
+
+
+def test_a_hub_split_that_does_not_exist_lists_the_splits(tmp_path):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    write(folder / "train.jsonl", [{"prompt": "q", "completion": "a"}] * 3)
+    assert "no split 'validation'; it has: train" in error_of(DataConfig(source="hub", path=str(folder),
+                                                                         eval_split="validation"))
+
+
+# --- the separate eval file and the data report ------------------------------------------------------------
+
+
+def test_eval_path_in_another_format_and_layout_replaces_the_held_out_fraction(tmp_path):
+    train = write(tmp_path / "train.jsonl", [{"prompt": f"q{k}", "completion": f"0{k}"} for k in range(5)])
+    evals = write(tmp_path / "eval.csv", [{"instruction": f"i{k}", "input": "", "output": f"1999-01-3{k}"}
+                                          for k in range(3)])
+    data = load_task_data(local(train, eval_path=str(evals)))
+    assert [r["completion"][-1]["content"] for r in data.train] == [f"0{k}" for k in range(5)]
+    assert data.eval_answers == ["1999-01-30", "1999-01-31", "1999-01-32"]
+    assert [r["prompt"][-1]["content"] for r in data.eval] == ["i0", "i1", "i2"]
+    report = data.report
+    assert report["eval"]["source"] == f"data.eval_path {str(evals)!r}" and report["eval"]["layout"] == "alpaca"
+    assert (report["train_rows"], report["eval_rows"], report["leakage"]) == (5, 3, 0)
+
+
+def test_hub_eval_split_is_read_strictly_too(tmp_path):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    write(folder / "train.jsonl", [{"prompt": f"q{k}", "completion": "2020-01-01"} for k in range(3)])
+    write(folder / "test.jsonl", [{"prompt": "t", "completion": "2021-02-03"}])
+    data = load_task_data(DataConfig(source="hub", path=str(folder), eval_split="test"))
+    assert data.eval_answers == ["2021-02-03"] and len(data.train) == 3
+
+
+def test_report_counts_dropped_rows_duplicates_and_leakage_and_warns(tmp_path, caplog):
+    from lora_search import datareport
+
+    rows = [{"prompt": "same", "completion": "a"}, {"prompt": "same", "completion": "a"},
+            {"prompt": "other", "completion": "b"}, {"prompt": "", "completion": "c"}, {"prompt": "x", "completion": ""}]
+    evals = [{"prompt": "same", "completion": "z"}, {"prompt": "new", "completion": "y"}]
+    data = load_task_data(local(write(tmp_path / "t.jsonl", rows), eval_path=str(write(tmp_path / "e.json", evals))))
+    report = data.report
+    assert report["train"]["rows_read"] == 5 and report["train"]["usable"] == 3
+    assert report["train"]["dropped"] == {"with an empty prompt": {"rows": 1, "first": "line 4"},
+                                          "with an empty completion": {"rows": 1, "first": "line 5"}}
+    assert report["train"]["duplicates"] == 1
+    assert (report["leakage"], report["leakage_first_eval_row"]) == (1, 1)
+    with caplog.at_level(logging.WARNING, logger="lora_search.datareport"):
+        datareport.warn(report)
+    assert "1 eval rows have a prompt that is also in the train rows (first: eval row 1)" in caplog.text
+    assert datareport.summary(report) == {"data_rows_read": 5, "data_rows_dropped": 2, "data_duplicates": 1,
+                                          "data_leakage": 1}
+
+
+def test_token_counts_and_truncation_follow_max_length(tmp_path, caplog):
+    from lora_search import datareport, models
+
+    rows = [{"prompt": "q", "completion": "a" * n} for n in (1, 5, 40, 80)]
+    data = load_task_data(local(write(tmp_path / "t.jsonl", rows), eval_path=str(write(tmp_path / "e.jsonl", rows))))
+    tokenizer = models.byte_tokenizer()
+    lengths = sorted(len(datareport.row_tokens(r, tokenizer)[0]) for r in data.train)
+    report = datareport.add_tokens(data.report, data, tokenizer, max_length=48)
+    over = sum(n > 48 for n in lengths)
+    assert over == 2 and report["tokens"]["train"]["truncated"] == over and report["truncated"] == 2 * over
+    assert report["tokens"]["train"]["max"] == lengths[-1] and report["tokens"]["train"]["p50"] == lengths[1]
+    with caplog.at_level(logging.WARNING, logger="lora_search.datareport"):
+        datareport.warn(report)
+    assert "2 train and 2 eval rows are longer than trainer.max_length=48" in caplog.text
+    assert datareport.add_tokens(data.report, data, tokenizer, max_length=512)["truncated"] == 0
