@@ -14,8 +14,7 @@ import json
 from dataclasses import dataclass, field
 
 from lora_search.errors import DataError
-
-FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+from lora_search.validate import DATA_SUFFIXES as FORMATS  # suffix -> json | csv | parquet
 NESTED_COLUMNS = ("messages", "conversations")  # CSV cells of these columns hold a JSON list of messages
 # JSON numbers and constants (NaN, Infinity) as their literal text: 1e3 stays "1e3", 1.50 stays "1.50".
 _DECODER = json.JSONDecoder(parse_int=str, parse_float=str, parse_constant=str)

@@ -330,3 +330,40 @@ def test_token_counts_and_truncation_follow_max_length(tmp_path, caplog):
         datareport.warn(report)
     assert "2 train and 2 eval rows are longer than trainer.max_length=48" in caplog.text
     assert datareport.add_tokens(data.report, data, tokenizer, max_length=512)["truncated"] == 0
+
+
+def test_a_train_run_records_the_data_report_and_warns_on_truncation(make_cfg, tmp_path, caplog):
+    """stage=train: data_report.json in the run folder, data_* counts in metrics.json, a WARNING for truncation."""
+    from lora_search import records, runs
+
+    rows = [{"prompt": f"q{k}", "completion": ("long " * 20 if k == 0 else f"0{k}")} for k in range(8)]
+    path = write(tmp_path / "t.jsonl", rows + [rows[1]])
+    cfg = make_cfg("data=local", f"data.path={path}", "data.eval_fraction=0.25", "trainer.max_length=48",
+                   "trainer.max_steps=1", "trainer.batch_size=2", "trainer.eval_every=0", "trainer.exact_match_items=0",
+                   "run_name=report")
+    with caplog.at_level(logging.WARNING, logger="lora_search.datareport"):
+        run_dir = runs.train_stage(cfg)
+    report = records.read_json(run_dir / "data_report.json")
+    metrics = records.read_json(run_dir / "metrics.json")
+    assert report["fingerprint"] == metrics["data_fingerprint"]
+    assert report["train"]["rows_read"] == metrics["data_rows_read"] == 9
+    assert report["train_rows"] + report["eval_rows"] == 9 and report["tokens"]["max_length"] == 48
+    assert metrics["data_truncated"] == report["truncated"] == 1
+    assert metrics["data_duplicates"] + metrics["data_leakage"] == 1  # the repeated row: in train twice, or in both
+    assert "rows are longer than trainer.max_length=48" in caplog.text
+
+
+def test_a_sweep_worker_writes_the_data_report_under_the_study(make_cfg, tmp_path):
+    from lora_search import records, runs
+    from lora_search.data import load_task_data
+
+    cfg = make_cfg("data.train_per_task=4", "data.eval_per_task=2", "sweep.name=reported")
+    data = load_task_data(cfg.data)
+    runs.start_worker(cfg, data)
+    report = records.read_json(tmp_path / "results" / "reported" / "data_report.json")
+    assert report["fingerprint"] == data.fingerprint and report["train_rows"] == 16 and report["eval_rows"] == 8
+    assert report["tokens"]["train"]["max"] > 0 and report["truncated"] == 0
+    other = load_task_data(make_cfg("data.train_per_task=3", "data.eval_per_task=2", "sweep.name=reported").data)
+    runs.start_worker(cfg, other)  # a second data setting in the same sweep keeps the first report
+    assert records.read_json(tmp_path / "results" / "reported" / "data_report.json")["fingerprint"] == data.fingerprint
+    assert records.read_json(tmp_path / "results" / "reported" / f"data_report-{other.fingerprint[:12]}.json")

@@ -51,7 +51,7 @@ def test_preview_marks_the_cut_at_max_length_and_counts_it(tmp_path, no_weights)
     rows = [{"prompt": "q", "completion": "x" * 60}, {"prompt": "p", "completion": "short"}] * 2
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     text = run_preview(tmp_path, "data=local", f"data.path={path}", "trainer.max_length=40",
-                       f"+data.eval_path={path}")
+                       f"data.eval_path={path}")
     assert "(cut at max_length)" in text and "⟧✂" in text
     assert "2 rows longer than max_length 40 (completion truncated)" in text
     assert "leakage: 4 eval rows share a prompt with a train row" in text
