@@ -105,7 +105,7 @@ def test_a_password_from_a_file_is_refused_before_hydra_writes_it(make_cfg):
     ("mysql+nosuchdriverx://u:{pw}@127.0.0.1/db", "sweep.storage: unknown driver 'nosuchdriverx' for mysql"),
     ("just-a-name", "sweep.storage 'just-a-name': not a database URL; accepted: sqlite:///"),
     ("sqlite:////nonexistent/dir/study.db", "sweep.storage 'sqlite:////nonexistent/dir/study.db': no such folder"),
-])
+], ids=["unreachable", "misspelt-dialect", "unknown-driver", "unknown-mysql-driver", "not-a-url", "sqlite-no-folder"])
 def test_a_storage_that_cannot_be_opened_is_one_masked_line(url, expected, make_cfg, monkeypatch):
     port, pw = _free_port(), f"pw{uuid.uuid4().hex[:10]}"
     url, expected = url.format(pw=pw, port=port), expected.format(port=port)
@@ -178,7 +178,7 @@ def test_a_run_writes_and_prints_no_secret(tmp_path, tiny_cache):
     args = ["model=tiny_llama", f"cache_dir={tiny_cache}", f"results_dir={results}", "stage=search",
             f"sweep.name=secrets_{uuid.uuid4().hex[:8]}", "sweep.n_trials=2", "tracking=wandb", "tracking.mode=offline",
             "data.train_per_task=24", "data.eval_per_task=6", "++sweep.trial={trainer.max_steps: 4, "
-            "trainer.eval_every: 2, trainer.batch_size: 4, trainer.exact_match_items: 0}", f"sweep.storage={url}"]
+            "trainer.eval_every: 2, trainer.batch_size: 4, trainer.exact_match_items: 0}", f"sweep.storage='{url}'"]
     ran = _cli(args, env)
     assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-3000:]
     study = next(results.glob("secrets_*"))
@@ -187,11 +187,12 @@ def test_a_run_writes_and_prints_no_secret(tmp_path, tiny_cache):
     [overrides] = list(results.glob("logs/*/*/.hydra/overrides.yaml"))
     assert "sweep.storage=" in overrides.read_text() and "***" in overrides.read_text()
 
-    port = _free_port()
-    failing = [*args[:-1], f"sweep.storage=postgresql+psycopg://u:{needles[0] if not PG_URL else 'x'}"
-               f"@127.0.0.1:{port}/db"]
-    failed = _cli(failing, env)
+    port, fail_pw = _free_port(), f"Fail{uuid.uuid4().hex[:12]}"
+    needles.append(fail_pw)
+    before = sorted((str(p), p.stat().st_mtime_ns) for p in results.rglob("*"))
+    failed = _cli([*args[:-1], f"sweep.storage=postgresql+psycopg://u:{fail_pw}@127.0.0.1:{port}/db"], env)
     assert failed.returncode == 2, failed.stderr[-3000:]
+    assert sorted((str(p), p.stat().st_mtime_ns) for p in results.rglob("*")) == before  # refused before Hydra ran
     errors = [line for line in failed.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and f"u:***@127.0.0.1:{port}/db': cannot connect" in errors[0], failed.stderr
     assert "Traceback" not in failed.stderr
