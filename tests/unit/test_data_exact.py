@@ -18,6 +18,12 @@ from lora_search.schema import DataConfig
 
 datasets.disable_progress_bars()
 
+
+@pytest.fixture(autouse=True)
+def _private_datasets_cache(tmp_path, monkeypatch):
+    """Keep `datasets`' locks and caches of the hub-folder tests out of the user's home."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+
 # Text a type-inferring loader would change, grouped so that a whole column holds one kind (what makes pyarrow
 # infer a type): dates, times, numbers with leading zeros, exponents or trailing zeros, booleans, null-like words.
 TRICKY = {
@@ -367,3 +373,22 @@ def test_a_sweep_worker_writes_the_data_report_under_the_study(make_cfg, tmp_pat
     runs.start_worker(cfg, other)  # a second data setting in the same sweep keeps the first report
     assert records.read_json(tmp_path / "results" / "reported" / "data_report.json")["fingerprint"] == data.fingerprint
     assert records.read_json(tmp_path / "results" / "reported" / f"data_report-{other.fingerprint[:12]}.json")
+
+
+def test_other_hub_builders_go_through_datasets_and_refuse_non_text_columns(tmp_path, monkeypatch):
+    """A folder of .arrow files has no strict reader: datasets loads it; string columns pass, a timestamp is refused."""
+    import datetime
+
+    def arrow_folder(name, completion):
+        folder = tmp_path / name
+        folder.mkdir()
+        table = pa.table({"prompt": ["a", "b", "c"], "completion": completion})
+        with pa.OSFile(str(folder / "train.arrow"), "wb") as f, pa.ipc.new_stream(f, table.schema) as writer:
+            writer.write_table(table)
+        return str(folder)
+
+    data = load_task_data(DataConfig(source="hub", path=arrow_folder("text", ["007", "1e3", "2020-01-01"])))
+    assert sorted(c for _, c in all_pairs(data)) == ["007", "1e3", "2020-01-01"]
+    stamps = pa.array([datetime.datetime(1999, 1, 31)] * 3, pa.timestamp("s"))
+    message = error_of(DataConfig(source="hub", path=arrow_folder("stamps", stamps)))
+    assert "column completion is timestamp[s], not text; store it as a string column" in message
