@@ -74,6 +74,25 @@ def release_memory() -> None:
             pass
 
 
+def tensor_memory_mb(model: torch.nn.Module | None = None) -> float:
+    """Memory held in tensors: allocated CUDA memory on a GPU, else the bytes of every live CPU tensor's storage
+    (`model`'s parameters and buffers counted from it: freeze_long_lived hides them from gc.get_objects())."""
+    import gc
+
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated() / 2**20
+    storages = {}
+    frozen = [*model.parameters(), *model.buffers()] if model is not None else []
+    for obj in [*frozen, *gc.get_objects()]:
+        try:
+            if isinstance(obj, torch.Tensor) and not obj.is_meta:
+                storage = obj.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+        except Exception:  # noqa: BLE001 - tensor subclasses that refuse; they hold no storage of their own
+            continue
+    return sum(storages.values()) / 2**20
+
+
 def freeze_long_lived() -> None:
     """Take every object alive now (a worker's base model, tokenizer, data, imported modules) out of the
     cyclic garbage collector's walks. Trials trigger about three full collections each (Trainer and

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -69,4 +71,23 @@ def wait(procs: list[subprocess.Popen]) -> list[int]:
         codes.append(code)
         if code != 0:
             log.warning("worker %d exited with code %d: see its log", index, code)
+    return codes
+
+
+def stop(procs: list[subprocess.Popen], signum: int = signal.SIGTERM, grace_s: float = 15.0) -> list[int]:
+    """Stop the extra workers: send each `signum` (they record their running trial as interrupted), wait up to
+    grace_s in all, then kill the ones still running."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signum)
+    deadline = time.monotonic() + grace_s
+    codes = []
+    for index, proc in enumerate(procs, start=1):
+        try:
+            codes.append(proc.wait(timeout=max(deadline - time.monotonic(), 0.1)))
+        except subprocess.TimeoutExpired:
+            log.warning("worker %d (pid %d) still running %.0f s after %s: killed", index, proc.pid, grace_s,
+                        signal.Signals(signum).name)
+            proc.kill()
+            codes.append(proc.wait())
     return codes
