@@ -11,7 +11,7 @@ import logging
 import time
 from collections import OrderedDict
 
-from lora_search import adapters, hardware, models, records, report, runs, tracking
+from lora_search import adapters, guard, hardware, models, records, report, runs, tracking
 from lora_search import trial as space_lib
 from lora_search.promote import config_id, load_best, promote_stage
 from lora_search.schema import RunConfig
@@ -113,8 +113,17 @@ def _mark_done(out, stage: str, cid: str) -> None:
 def run(cfg: RunConfig, overrides: list[str] = ()) -> int:
     """Run the stage(s) cfg.stage names, or a night of a nightly sweep; return the exit code.
 
-    `overrides` (the command line) let extra workers compose the same run.
+    `overrides` (the command line) let extra workers compose the same run. SIGINT and SIGTERM stop it cleanly
+    (exit 130 / 143, the running trial recorded as interrupted); a sweep whose trials keep failing exits 4.
     """
+    with guard.signals_handled():
+        try:
+            return _run(cfg, overrides)
+        except (KeyboardInterrupt, guard.TooManyFailures) as e:
+            return guard.exit_code(e)
+
+
+def _run(cfg: RunConfig, overrides: list[str] = ()) -> int:
     t0 = time.perf_counter()
     stages = ORDER if cfg.stage == "all" else (cfg.stage,)
     explicit = cfg.stage != "all"

@@ -176,6 +176,9 @@ class SweepConfig:
     storage: Optional[str] = None
     workers: int = 1  # worker processes on this machine (one per GPU: CUDA_VISIBLE_DEVICES is split)
     heartbeat_s: int = 60  # a worker silent for 2x this is dead: its trial is failed and retried once
+    # Failed trials in a row (in this process; a complete or pruned trial resets the count) that stop the sweep, with
+    # a summary of their errors and exit code 4. Failed trials never count toward n_trials. null: never stop.
+    max_failures: Optional[int] = 5
     nightly: NightlyConfig = field(default_factory=NightlyConfig)
 
 

@@ -12,9 +12,9 @@ import optuna
 import sqlalchemy
 from optuna.trial import TrialState
 
-from lora_search import launch, records, storage, tracking, trial as space_lib
+from lora_search import guard, launch, records, storage, tracking, trial as space_lib
 from lora_search.launch import worker_id
-from lora_search.errors import ConfigError, LoraSearchError
+from lora_search.errors import ConfigError
 from lora_search.pruning import PruningCallback, TrialStopped
 from lora_search.schema import METRIC_DIRECTIONS, RunConfig
 from lora_search.train import prepare_data, train_adapter, trained_on
@@ -77,7 +77,7 @@ def make_pruner(cfg: RunConfig):
 def check_sweep(cfg: RunConfig) -> None:
     """Every problem with the sweep file, raised once, before anything trains."""
     s = cfg.sweep
-    problems = space_lib.check_space(s.space) + space_lib.check_inits(cfg)
+    problems = space_lib.check_space(s.space) + space_lib.check_inits(cfg) + guard.check(s)
     own = METRIC_DIRECTIONS.get(s.metric)
     if s.direction not in ("minimize", "maximize", "auto"):
         problems.append(f"sweep.direction must be auto (the metric's), minimize or maximize; got {s.direction!r}")
@@ -165,8 +165,7 @@ def _set_attrs(trial: optuna.Trial, metrics: dict, status: str, reason: str | No
         if key in metrics:
             trial.set_user_attr(key, metrics[key])
     trial.set_user_attr("status", status)
-    if reason:
-        trial.set_user_attr("reason", reason)
+    trial.set_user_attr("reason", reason)  # always: a retried trial starts with its original's user attrs
 
 
 def objective_fn(cfg: RunConfig, get_worker):
@@ -187,6 +186,7 @@ def objective_fn(cfg: RunConfig, get_worker):
         if cfg.sweep.nightly.night:
             trial.set_user_attr("night", cfg.sweep.nightly.night)
         callback = PruningCallback(trial, "eval_loss", maximize=maximize, pruner=cfg.sweep.pruner)
+        watch = guard.StepWatch()  # where a failure happened
         run = tracking.start(trial_cfg, study_dir(cfg), f"trial-{trial.number:04d}", "trial",
                              {"params": params, "trial": trial.number, "worker": worker_id()})
         status, reason, metrics, used = "failed", "interrupted before the trial finished", {}, {}
@@ -194,7 +194,7 @@ def objective_fn(cfg: RunConfig, get_worker):
             validate(trial_cfg)
             worker = get_worker(trial_cfg)
             used = trained_on(worker)  # recorded whatever the trial's outcome
-            metrics = train_adapter(worker, trial_cfg, out, callbacks=[callback, tracking.StepLogger(run)],
+            metrics = train_adapter(worker, trial_cfg, out, callbacks=[callback, tracking.StepLogger(run), watch],
                                     with_baseline=False, save=False)
             value = metrics.get(cfg.sweep.metric)
             status = "complete" if space_lib.finite(value) else "failed"
@@ -203,9 +203,12 @@ def objective_fn(cfg: RunConfig, get_worker):
             metrics = {"wall_s": time.perf_counter() - t0, "pruned_at_step": stop.step}
             status, reason = "pruned", stop.reason
             raise
-        except Exception as e:
-            metrics = {"wall_s": time.perf_counter() - t0}
+        except Exception as e:  # any error fails this trial only (optimize's catch); its frames' memory is freed
+            metrics = {"wall_s": time.perf_counter() - t0, **guard.failure(trial, e, watch)}
             reason = f"{type(e).__name__}: {e}"
+            raise
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (guard.Interrupted): optuna marks the trial FAIL and re-raises
+            metrics, reason = {"wall_s": time.perf_counter() - t0}, guard.INTERRUPTED
             raise
         finally:
             _record(out, trial.number, params, trial_cfg, {**used, **metrics}, status, reason, callback)
@@ -259,6 +262,7 @@ def search_stage(cfg: RunConfig, get_worker, overrides: list[str] = ()) -> optun
     """
     check_sweep(cfg)
     study = open_study(cfg)
+    guard.fail_dead_workers(study, study_dir(cfg))  # trials left RUNNING by a killed worker on this machine
     done = len(finished(study))
     if done >= cfg.sweep.n_trials:
         log.info("study %s already has %d finished trials (n_trials=%d): nothing to search", cfg.sweep.name, done,
@@ -268,16 +272,19 @@ def search_stage(cfg: RunConfig, get_worker, overrides: list[str] = ()) -> optun
     log.info("study %s: %d of %d trials finished; storage %s", cfg.sweep.name, done, cfg.sweep.n_trials,
              records.redact(storage_url(cfg)))
     procs = launch.spawn(list(overrides), cfg.sweep.workers, study_dir(cfg) / "workers") if cfg.sweep.workers > 1 else []
-    objective = objective_fn(cfg, get_worker)  # loads the base and tokenizes the data before the first trial
-    started = time.perf_counter()
-    study.optimize(
-        objective,
-        timeout=cfg.sweep.timeout_s,
-        callbacks=[optuna.study.MaxTrialsCallback(cfg.sweep.n_trials, states=FINISHED),
-                   progress_callback(cfg, started, done)],
-        catch=(RuntimeError, ValueError, LoraSearchError, ArithmeticError),
-        gc_after_trial=False,  # train_adapter already collects once per trial
-    )
+    limit = guard.FailureLimit(cfg.sweep.max_failures)
+    with guard.stopping(study, study_dir(cfg), procs):  # interrupted or failing: records kept, workers stopped
+        objective = objective_fn(cfg, get_worker)  # loads the base and tokenizes the data before the first trial
+        started = time.perf_counter()
+        study.optimize(
+            objective,
+            timeout=cfg.sweep.timeout_s,
+            callbacks=[optuna.study.MaxTrialsCallback(cfg.sweep.n_trials, states=FINISHED),
+                       progress_callback(cfg, started, done), limit],
+            catch=(Exception,),  # any error fails its trial only; KeyboardInterrupt and SystemExit end the sweep
+            gc_after_trial=False,  # train_adapter already collects once per trial
+        )
+        limit.check()
     launch.wait(procs)
     return study
 
