@@ -50,17 +50,18 @@ def report(error: LoraSearchError) -> None:
 
 def run(cfg) -> None:
     """Run the stage a composed config names."""
+    from hydra.core.hydra_config import HydraConfig
+
     from lora_search import compose, pipeline, runs
     from lora_search.validate import validate
 
-    run_cfg = compose.to_run_config(cfg)
+    overrides = list(HydraConfig.get().overrides.task)
+    run_cfg = compose.to_run_config(cfg, overrides)  # a mapping on the command line replaces the file's
     if run_cfg.stage == "train":
         runs.train_stage(run_cfg)
     else:
-        from hydra.core.hydra_config import HydraConfig
-
         validate(run_cfg)
-        code = pipeline.run(run_cfg, list(HydraConfig.get().overrides.task))
+        code = pipeline.run(run_cfg, overrides)
         if code:
             sys.exit(code)  # a nightly job: 3 = new champion (0 = no change)
 
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         report(e)
         sys.exit(EXIT_USAGE)
     compose.register()
-    sys.argv = [sys.argv[0], *argv]
+    sys.argv = [sys.argv[0], *compose.hydra_overrides(argv)]
     hydra.main(config_path=str(compose.conf_dir()), config_name="config", version_base="1.3")(_task)()
 
 

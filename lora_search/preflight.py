@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from pathlib import Path
 
 from lora_search.errors import ConfigError
 from lora_search.schema import RunConfig
@@ -21,7 +22,7 @@ NOT_A_RUN = ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--m
 # Hydra's flags that take the next argument as their value (`--cfg job`, `-p trainer`).
 WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
               "--experimental-rerun", "--info", "-i")
-_checked: dict = {}  # repr(RunConfig) -> the task data its checks loaded
+_checked: dict = {}  # repr(DataConfig) -> the task data the checks loaded
 
 
 def compose_error(e: Exception) -> ConfigError:
@@ -82,15 +83,12 @@ def check(cfg: RunConfig) -> None:
 
     validate(cfg)
     if cfg.stage == "train":
-        data, _ = runs.preflight(cfg)
-        _checked[repr(cfg)] = data
+        runs.preflight(cfg)
         return
     pipeline.preflight_sweep(cfg)
     _check_storage(cfg)
     if cfg.stage in ("all", "search"):
-        from lora_search.data import load_task_data
-
-        _checked[repr(cfg)] = load_task_data(cfg.data)
+        task_data(cfg.data)
 
 
 def _check_storage(cfg: RunConfig) -> None:
@@ -101,6 +99,13 @@ def _check_storage(cfg: RunConfig) -> None:
         checker(cfg)
 
 
-def checked_data(cfg: RunConfig):
-    """The task data the checks already loaded for this very config, or None."""
-    return _checked.get(repr(cfg))
+def task_data(data_cfg):
+    """The task data of a data config, loaded once per process while its files are unchanged (the checks load it,
+    the run reuses it)."""
+    from lora_search.data import load_task_data
+
+    files = [Path(p) for p in (data_cfg.path, getattr(data_cfg, "eval_path", None)) if p and data_cfg.source == "local"]
+    key = (repr(data_cfg), *[(f.stat().st_mtime_ns, f.stat().st_size) if f.is_file() else None for f in files])
+    if key not in _checked:
+        _checked[key] = load_task_data(data_cfg)
+    return _checked[key]

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 from lora_search import adapters, datareport, hardware, models, records, tracking
-from lora_search.data import load_task_data
 from lora_search.schema import RunConfig
 from lora_search.train import Worker, train_adapter
 from lora_search.validate import validate
@@ -20,8 +19,10 @@ log = logging.getLogger(__name__)
 
 def preflight(cfg: RunConfig):
     """Validate the config, load the data and check targets on the meta device: all before any weight loads."""
+    from lora_search.preflight import task_data
+
     validate(cfg)
-    data = load_task_data(cfg.data)
+    data = task_data(cfg.data)  # loaded once: the pre-Hydra checks and the run share it
     arch = models.architecture(cfg.model, cfg.cache_dir)
     meta = models.meta_model(arch)
     adapters.check_targets(cfg.lora, cfg.model, meta)

@@ -1,0 +1,140 @@
+"""The bad-input catalogue (docs/bad-input.md): each input gets one `error:` line that names what is wrong and what
+is accepted, exit code 2, no traceback, and nothing under results/ changes (a study recorded earlier stays as it was).
+
+Each case runs the real entry point, `lora_search.__main__.main`, in this process: every one of these is refused
+before Hydra starts the run, so no Hydra state is left behind. test_cli.py runs some of them as real subprocesses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from lora_search.__main__ import main
+
+DOC = Path(__file__).resolve().parents[2] / "docs" / "bad-input.md"
+
+
+def _write(path: Path, text: str | bytes) -> str:
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    return str(path)
+
+
+def _files(tmp: Path) -> dict[str, str]:
+    """The data files the cases use, written under tmp."""
+    ok = "".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(6))
+    return {
+        "EMPTY": _write(tmp / "empty.jsonl", ""),
+        "BADJSON": _write(tmp / "bad.jsonl", ok + '{"prompt": "q", "completion": "a"\n'),
+        "NOASSISTANT": _write(tmp / "noassistant.jsonl", "".join(
+            json.dumps({"messages": [{"role": "user", "content": f"hi {i}"}]}) + "\n" for i in range(4))),
+        "LATIN1": _write(tmp / "latin1.jsonl", ok.encode() + '{"prompt": "café", "completion": "été"}\n'.encode("latin-1")),
+        "OKFILE": _write(tmp / "ok.jsonl", ok),
+        "TXTFILE": _write(tmp / "notes.txt", "hello"),
+        "NOLAYOUT": _write(tmp / "nolayout.jsonl", '{"question": "q", "reply": "a"}\n' * 3),
+        "EMPTYDIR": str((tmp / "emptydir").mkdir() or tmp / "emptydir"),
+    }
+
+
+# (id, arguments, text the one error line must contain). The ids are the rows of docs/bad-input.md.
+CASES = [
+    ("unknown-config-choice", ["model=gpt5"], "model=gpt5 is not a known model config"),
+    ("unknown-sweep", ["sweep=rank_lrr"], "sweep=rank_lrr is not a known sweep config (did you mean rank_lr?)"),
+    ("misspelt-key", ["trainr.learning_rate=1e-4"], "unknown config key 'trainr.learning_rate'; did you mean trainer.learning_rate?"),
+    ("unparseable-command-line", ["lora.r=[4,"], "cannot parse the command line"),
+    ("wrong-type", ["lora.r=abc"], "lora.r must be an integer, got 'abc'"),
+    ("not-a-boolean", ["trainer.packing=maybe"], "trainer.packing must be true or false, got 'maybe'"),
+    ("rank-zero", ["lora.r=0"], "lora.r must be a positive integer, got 0"),
+    ("dropout-out-of-range", ["lora.dropout=1.5"], "lora.dropout must be in [0, 1), got 1.5"),
+    ("negative-learning-rate", ["trainer.learning_rate=-3e-4"], "trainer.learning_rate must be a positive number, got -0.0003"),
+    ("unknown-target-preset", ["lora.targets=fused"], "lora.targets: unknown preset 'fused'"),
+    ("target-matches-no-module", ["lora.targets=[q_proj,wq]"], "lora.targets: entry 'wq' matches no module"),
+    ("unknown-precision", ["trainer.precision=fp8"], "trainer.precision must be one of auto, fp32, bf16, fp16; got 'fp8'"),
+    ("unknown-quant-mode", ["quant.mode=int3"], "quant.mode must be one of none, int8, nf4, fp4; got 'int3'"),
+    ("max-length-too-small", ["trainer.max_length=8"], "trainer.max_length must be an integer >= 16, got 8"),
+    ("unknown-stage", ["stage=trian"], "stage must be one of all, search, promote"),
+    ("eval-fraction-out-of-range", ["data.eval_fraction=1.5"], "data.eval_fraction must be in (0, 1), got 1.5"),
+    ("data-path-missing", ["data=local"], "data.path is required"),
+    ("data-file-not-found", ["data=local", "data.path=/nonexistent/train.jsonl"], "data.path: no such file '/nonexistent/train.jsonl'"),
+    ("data-file-type", ["data=local", "data.path=TXTFILE"], "unsupported file type '.txt'; accepted: .json, .jsonl, .csv, .parquet"),
+    ("data-layout-unknown", ["data=local", "data.path=NOLAYOUT"], "cannot tell the layout from its columns (question, reply)"),
+    ("data-columns-missing", ["data=local", "data.path=NOLAYOUT", "data.layout=prompt_completion"],
+     "is missing column(s) prompt, completion; it has: question, reply"),
+    ("local-model-not-a-model", ["model=local", "model.path=EMPTYDIR"], "model.path"),
+    ("hub-model-offline", ["model=qwen2_5_0_5b"], "cannot read its config from the hub"),
+    ("model-folder-missing", ["model=local", "model.path=/nonexistent/model"], "model.path: no such folder '/nonexistent/model'"),
+    ("unknown-tracking-mode", ["tracking.mode=sometimes"], "tracking.mode must be one of"),
+    ("n-trials-zero", ["sweep.n_trials=0"], "sweep.n_trials must be a positive integer, got 0"),
+    ("unknown-metric", ["sweep.metric=accuracy"], "sweep.metric must be one of eval_loss, perplexity, exact_match"),
+    ("unknown-direction", ["sweep.direction=up"], "sweep.direction must be auto (the metric's), minimize or maximize; got 'up'"),
+    ("negative-timeout", ["sweep.timeout_s=-1"], "sweep.timeout_s must be positive or null, got -1"),
+    ("unknown-sampler", ["sweep.sampler=bayes"], "sweep.sampler.type must be one of tpe, random, grid, cmaes; got 'bayes'"),
+    ("unknown-sampler-argument", ["sweep.sampler={type: tpe, n_startup: 3}"], "sweep.sampler (tpe):"),
+    ("unknown-pruner-argument", ["sweep.pruner={type: median, patience: 3}"], "sweep.pruner (median):"),
+    ("grid-over-a-float", ["sweep.sampler=grid"], "grid needs categorical entries"),
+    ("space-key-unknown", ["++sweep.space={lora.rnak: {type: categorical, choices: [4, 8]}}"],
+     "unknown config key 'lora.rnak'; did you mean lora.r?"),
+    ("space-low-above-high", ["++sweep.space={lora.dropout: {type: float, low: 0.2, high: 0.1}}"],
+     "sweep.space.lora.dropout: low must be below high, got low=0.2 high=0.1"),
+    ("space-log-low-not-positive", ["++sweep.space={trainer.learning_rate: {type: float, low: 0, high: 1, log: true}}"],
+     "a log scale needs low > 0"),
+    ("space-unknown-distribution", ["++sweep.space={lora.r: {type: normal, mean: 8}}"],
+     "must be a distribution with type float, int or categorical; got 'normal'"),
+    ("space-allows-invalid-value", ["++sweep.space={trainer.batch_size: {type: int, low: 0, high: 8}}"],
+     "sweep.space allows trainer.batch_size=0, which is invalid"),
+    ("space-allows-unknown-preset", ["++sweep.space={lora.targets: {type: categorical, choices: [qv, everything]}}"],
+     "lora.targets: unknown preset 'everything'"),
+    ("trial-block-unknown-key", ["++sweep.trial={trainer.max_stepz: 4}"], "sweep.trial: unknown config key 'trainer.max_stepz'"),
+]
+
+
+@pytest.fixture
+def results(tmp_path):
+    """A results folder that already holds a recorded trial: a refused run must leave it exactly as it was."""
+    folder = tmp_path / "results"
+    trial = folder / "rank_lr" / "trials" / "0000"
+    trial.mkdir(parents=True)
+    (trial / "status.json").write_text('{"status": "complete"}\n')
+    (folder / "rank_lr" / "study.db").write_bytes(b"recorded")
+    return folder
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else b"")
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("case, args, expected", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, args, expected, results, tmp_path, tiny_cache, capsys,
+                                                         monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub cases fail at once instead of retrying for ~25 s
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    files = _files(tmp_path)
+    args = [re.sub(r"=([A-Z0-9]+)$", lambda m: "=" + files.get(m[1], m[1]), a) for a in args]
+    if not any(a.startswith("model=") for a in args):
+        args = ["model=tiny_llama", *args]
+    before = _snapshot(results)
+    with pytest.raises(SystemExit) as info:
+        main([*args, f"results_dir={results}", f"cache_dir={tiny_cache}", "tracking=none"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], err
+    assert "Traceback" not in err
+    assert _snapshot(results) == before
+
+
+def test_every_catalogue_case_is_in_the_doc_and_every_doc_row_is_tested():
+    rows = re.findall(r"^\| `([a-z0-9-]+)` \|", DOC.read_text(), flags=re.M)
+    assert sorted(rows) == sorted(c[0] for c in CASES)
+    assert len(CASES) >= 30 and len({c[0] for c in CASES}) == len(CASES)
+
