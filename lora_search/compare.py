@@ -9,12 +9,13 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import os
 from pathlib import Path
 
 import optuna
 from omegaconf import OmegaConf
 
-from lora_search import records
+from lora_search import records, secrets
 from lora_search.errors import ConfigError
 from lora_search.report import table
 
@@ -61,9 +62,10 @@ def load(folder: Path, sweep: dict) -> optuna.Study | None:
         if not db.exists():
             return None
         storage = f"sqlite:///file:{db}?mode=ro&uri=true"
-    # sweep.yaml keeps URLs with the password masked: connect without it, so the driver takes
-    # PGPASSWORD or ~/.pgpass instead.
-    storage = storage.replace(":***@", "@")
+    # sweep.yaml keeps URLs with the password masked: the real one is $LORA_SEARCH_STORAGE when it masks to
+    # the same, else connect without it, so the driver takes PGPASSWORD or ~/.pgpass instead.
+    env = os.environ.get(secrets.STORAGE_ENV)
+    storage = env if env and secrets.mask_url(env) == storage else storage.replace(":***@", "@")
     try:
         return optuna.load_study(study_name=sweep.get("name") or folder.name, storage=storage)
     except Exception as e:
