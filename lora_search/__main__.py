@@ -5,6 +5,7 @@ Commands (first argument, optional):
   report      regenerate results/<study>/report.md, its plots and report.html from the storage
   dashboard   serve optuna-dashboard for the study's storage (127.0.0.1 unless dashboard.host is set)
   compare     a table of several studies or nights side by side: `compare rank_lr targets`
+  preview     rows exactly as the model will see them (completion marked), the data report, token counts
 
 Overrides are checked against the config groups and the schema before Hydra composes, and
 every config problem is reported as one line (no traceback) with exit code 2.
@@ -20,7 +21,7 @@ from lora_search.errors import LoraSearchError
 
 log = logging.getLogger("lora_search")
 EXIT_USAGE = 2
-COMMANDS = ("report", "dashboard", "compare")
+COMMANDS = ("report", "dashboard", "compare", "preview")
 
 
 def _quiet_libraries() -> None:
@@ -84,6 +85,10 @@ def _command(name: str, args: list[str]) -> None:
 
         compose.check_overrides(args)
         dashboard.serve(compose.load_config(args))
+    elif name == "preview":
+        from lora_search import preview
+
+        print(preview.main(args))
     elif name == "compare":
         from lora_search import compare
 
@@ -94,10 +99,15 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: a command, or check the whole run before Hydra writes anything, then hand over to hydra.main."""
     import hydra
 
-    from lora_search import compose, preflight
+    from lora_search import compose, preflight, secrets
 
     argv = sys.argv[1:] if argv is None else argv
     _quiet_libraries()
+    try:  # first of all: a storage password leaves the command line (and sys.argv) before anything records it
+        argv = secrets.guard(argv)
+    except LoraSearchError as e:
+        report(e)
+        sys.exit(EXIT_USAGE)
     if argv and argv[0] in COMMANDS:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
         try:

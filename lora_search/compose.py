@@ -156,7 +156,9 @@ def mapping_overrides(args: list[str]) -> list[tuple[str, object]]:
 def hydra_overrides(args: list[str]) -> list[str]:
     """The command line as Hydra should see it: a mapping for a free-form key (`sweep.pruner={type: hyperband,
     min_resource: 1}`) is passed as `++key=...`, which Hydra accepts with keys the file's mapping lacks (a plain
-    override there is refused); to_run_config then sets the key to exactly the mapping."""
+    override there is refused); to_run_config then sets the key to exactly the mapping. A key inside a free-form
+    field (`data.columns.prompt=question`, `lora.rank_pattern.q_proj=4`) is passed as `++` too: the file's mapping
+    may not have it yet."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser, out = OverridesParser.create(), []
@@ -166,8 +168,20 @@ def hydra_overrides(args: list[str]) -> list[str]:
         except Exception:  # not an override (a flag's value such as `--cfg job`): Hydra reads it as it is
             ov = None
         plain = ov is not None and ov.package is None and not ov.is_sweep_override() and "." in ov.key_or_group
-        out.append(f"++{arg}" if plain and isinstance(ov.value(), dict) and _in_free_form(ov.key_or_group) else arg)
+        key = ov.key_or_group if ov is not None else ""
+        mapping = plain and isinstance(ov.value(), dict) and _in_free_form(key)
+        out.append(f"++{arg}" if mapping or (plain and _in_free_form(key) and not _is_field(key)) else arg)
     return out
+
+
+def _is_field(key: str) -> bool:
+    """Whether a dotted key names a schema field itself (not a user key inside a free-form field)."""
+    dc: typing.Any = schema.RunConfig
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(dc) or part not in {f.name for f in dataclasses.fields(dc)}:
+            return False
+        dc = _field_type(dc, part)
+    return True
 
 
 def _in_free_form(key: str) -> bool:
