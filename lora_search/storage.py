@@ -53,7 +53,7 @@ def engine_kwargs(url: str) -> dict:
     """SQLite waits for the writer lock (workers serialise on it); a server is pinged and given a connect timeout."""
     if url.startswith("sqlite"):
         return {"connect_args": {"timeout": 60}}
-    if url.startswith("postgresql"):
+    if url.startswith(("postgresql://", "postgresql+psycopg://", "postgresql+psycopg2://")):  # libpq's own timeout
         return {"pool_pre_ping": True, "connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}}
     return {"pool_pre_ping": True}
 
@@ -61,7 +61,8 @@ def engine_kwargs(url: str) -> dict:
 def explain(url: str, error: Exception) -> ConfigError:
     """A storage failure as one line: the masked URL, what went wrong, what is accepted."""
     shown = secrets.mask_url(url)
-    first = secrets.mask(str(getattr(error, "orig", None) or error).strip().splitlines()[0] if str(error) else "")
+    text = str(getattr(error, "orig", None) or error).strip()
+    first = secrets.mask(text.splitlines()[0] if text else type(error).__name__)
     parsed = make_url_or_none(url)
     if parsed is not None and isinstance(error, sqlalchemy.exc.NoSuchModuleError):
         backend, _, driver = parsed.drivername.partition("+")
