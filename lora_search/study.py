@@ -102,6 +102,9 @@ def check_sweep(cfg: RunConfig) -> None:
         problems.extend(nightly.check(s.nightly))
     if s.timeout_s is not None and s.timeout_s <= 0:
         problems.append(f"sweep.timeout_s must be positive or null, got {s.timeout_s!r}")
+    if not isinstance(s.heartbeat_s, int) or isinstance(s.heartbeat_s, bool) or s.heartbeat_s < 1:
+        problems.append(f"sweep.heartbeat_s must be a positive integer (seconds between a worker's heartbeats), "
+                        f"got {s.heartbeat_s!r}")
     for part in ("trial", "promotion"):
         problems.extend(f"sweep.{part}: {p}" for k in getattr(s, part) if (p := space_lib.compose.check_key(k)))
     for entry in s.enqueue:
