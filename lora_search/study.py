@@ -168,7 +168,8 @@ def _set_attrs(trial: optuna.Trial, metrics: dict, status: str, reason: str | No
         if key in metrics:
             trial.set_user_attr(key, metrics[key])
     trial.set_user_attr("status", status)
-    trial.set_user_attr("reason", reason)  # always: a retried trial starts with its original's user attrs
+    # always: a retried trial starts with its original's user attrs; masked: an error's text may hold a secret
+    trial.set_user_attr("reason", records.redact(reason) if reason else reason)
 
 
 def objective_fn(cfg: RunConfig, get_worker):

@@ -123,3 +123,9 @@ def _tracking_fresh():
     tracking._broken.clear()
     yield
     tracking._broken.clear()
+
+
+@pytest.fixture(autouse=True)
+def _no_storage_from_earlier_tests(monkeypatch):
+    """`main()` run in-process moves a storage URL into $LORA_SEARCH_STORAGE: no test inherits another's."""
+    monkeypatch.delenv("LORA_SEARCH_STORAGE", raising=False)
