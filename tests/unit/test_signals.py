@@ -127,3 +127,16 @@ def test_stop_forwards_the_signal_then_kills_a_worker_that_ignores_it(tmp_path):
     started = time.monotonic()
     assert launch.stop([polite, stubborn], signal.SIGTERM, grace_s=1.0) == [-signal.SIGTERM, -signal.SIGKILL]
     assert time.monotonic() - started < 10
+
+
+def test_an_interrupted_search_forwards_the_signal_to_the_workers_it_started(tmp_path):
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}")
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        with pytest.raises(guard.Interrupted):
+            with guard.stopping(study, tmp_path, [worker]):
+                raise guard.Interrupted(signal.SIGINT)
+        assert worker.wait(timeout=10) == -signal.SIGINT
+    finally:
+        if worker.poll() is None:
+            worker.kill()
