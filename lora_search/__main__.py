@@ -59,7 +59,13 @@ def run(cfg) -> None:
     overrides = list(HydraConfig.get().overrides.task)
     run_cfg = compose.to_run_config(cfg, overrides)  # a mapping on the command line replaces the file's
     if run_cfg.stage == "train":
-        runs.train_stage(run_cfg)
+        from lora_search import guard
+
+        with guard.signals_handled():  # Ctrl-C / SIGTERM: the run folder says failed (interrupted), exit 130 / 143
+            try:
+                runs.train_stage(run_cfg)
+            except KeyboardInterrupt as e:
+                sys.exit(guard.exit_code(e, resumable=False))
     else:
         validate(run_cfg)
         code = pipeline.run(run_cfg, overrides)

@@ -85,15 +85,16 @@ def signals_handled():
             signal.signal(s, h)
 
 
-def exit_code(error: BaseException) -> int:
+def exit_code(error: BaseException, resumable: bool = True) -> int:
     """Print why the run stopped (one block on stderr, no traceback) and return its exit code: 128 + signal for an
     interrupt (130 Ctrl-C, 143 SIGTERM), EXIT_FAILURES for a sweep whose trials kept failing."""
     if isinstance(error, TooManyFailures):
         print(f"error: {records.redact(error.summary)}", file=sys.stderr)  # error texts may hold a secret
         return EXIT_FAILURES
     signum = getattr(error, "signum", signal.SIGINT)
-    print(f"error: interrupted ({signal.Signals(signum).name}); finished trials are kept: run the same command "
-          f"again to resume", file=sys.stderr)
+    then = ("finished trials are kept: run the same command again to resume" if resumable
+            else "the run folder records it as failed (interrupted)")
+    print(f"error: interrupted ({signal.Signals(signum).name}); {then}", file=sys.stderr)
     return 128 + signum
 
 

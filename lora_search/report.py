@@ -18,7 +18,7 @@ def _cell(value) -> str:
         return ""
     if isinstance(value, float):
         return f"{value:.4g}"
-    return str(value).replace("|", "/")
+    return " ".join(str(value).split()).replace("|", "/")  # one table row: a multi-line reason is flattened
 
 
 def _kind(spec) -> str:

@@ -83,8 +83,9 @@ def train_stage(cfg: RunConfig) -> Path:
         worker = start_worker(cfg, data)
         metrics = train_adapter(worker, cfg, run_dir, callbacks=[tracking.StepLogger(run)])
     except BaseException as e:
-        records.write_status(run_dir, "failed", reason=f"{type(e).__name__}: {e}")
-        tracking.finish(run, {"status": "failed"}, tags=["failed", f"{type(e).__name__}: {e}"], exit_code=1)
+        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+        records.write_status(run_dir, "failed", reason=reason)
+        tracking.finish(run, {"status": "failed"}, tags=["failed", reason], exit_code=1)
         raise
     metrics["load_s"] = worker.base.load_s
     metrics["wall_s"] = time.perf_counter() - t0

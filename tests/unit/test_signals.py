@@ -140,3 +140,26 @@ def test_an_interrupted_search_forwards_the_signal_to_the_workers_it_started(tmp
     finally:
         if worker.poll() is None:
             worker.kill()
+
+
+def test_sigterm_during_a_train_run_records_it_as_interrupted_and_exits_143(tmp_path, tiny_cache):
+    run = tmp_path / "results" / "runs" / "t"
+    cmd = [sys.executable, "-m", "lora_search", "stage=train", "model=tiny_llama", "tracking=none", "run_name=t",
+           f"results_dir={tmp_path / 'results'}", f"cache_dir={tiny_cache}", "data.train_per_task=24",
+           "data.eval_per_task=6", "trainer.max_steps=400", "trainer.batch_size=4", "trainer.eval_every=0"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+    with open(tmp_path / "train.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while "training 400 steps" not in (tmp_path / "train.log").read_text():
+        assert proc.poll() is None, (tmp_path / "train.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "training never started"
+        time.sleep(0.1)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=60)
+    text = (tmp_path / "train.log").read_text()
+    assert code == 143 and time.monotonic() - sent < 30, text[-3000:]
+    status = json.loads((run / "status.json").read_text())
+    assert (status["status"], status["reason"]) == ("failed", "interrupted")
+    assert "Traceback" not in text and "error: interrupted (SIGTERM)" in text
