@@ -126,6 +126,9 @@ def _tracking_fresh():
 
 
 @pytest.fixture(autouse=True)
-def _no_storage_from_earlier_tests(monkeypatch):
-    """`main()` run in-process moves a storage URL into $LORA_SEARCH_STORAGE: no test inherits another's."""
-    monkeypatch.delenv("LORA_SEARCH_STORAGE", raising=False)
+def _no_storage_from_earlier_tests():
+    """`main()` run in-process moves a storage URL into $LORA_SEARCH_STORAGE: no test inherits another's (popped
+    before and after each test, not through monkeypatch, whose undo would bring a leaked value back)."""
+    os.environ.pop("LORA_SEARCH_STORAGE", None)
+    yield
+    os.environ.pop("LORA_SEARCH_STORAGE", None)
