@@ -43,25 +43,11 @@ def rss_mb() -> float:
 
 
 def memory_mb(model=None) -> float:
-    """Memory the worker holds in tensors: allocated CUDA memory on a GPU, else every live CPU tensor's storage.
+    """Memory the worker holds in tensors (hardware.tensor_memory_mb: allocated CUDA memory, else every live CPU
+    tensor's storage, the frozen base counted from the model)."""
+    from lora_search import hardware
 
-    gc.get_objects() does not list what the worker froze at its start (hardware.freeze_long_lived): the
-    base model's parameters and buffers are counted from the model; anything a trial leaves behind was
-    created after the freeze and is listed."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.memory_allocated() / 2**20
-    storages = {}
-    frozen = [*model.parameters(), *model.buffers()] if model is not None else []
-    for obj in [*frozen, *gc.get_objects()]:
-        try:
-            if isinstance(obj, torch.Tensor) and not obj.is_meta:
-                storage = obj.untyped_storage()
-                storages[storage.data_ptr()] = storage.nbytes()
-        except Exception:  # noqa: BLE001 - tensor subclasses that refuse; they hold no storage of their own
-            continue
-    return sum(storages.values()) / 2**20
+    return hardware.tensor_memory_mb(model)
 
 
 def _cuda() -> bool:

@@ -174,26 +174,26 @@ def hydra_overrides(args: list[str]) -> list[str]:
     return out
 
 
-def _is_field(key: str) -> bool:
-    """Whether a dotted key names a schema field itself (not a user key inside a free-form field)."""
+def _walk(key: str) -> tuple[bool, bool]:
+    """(whether the dotted key names a schema field itself, whether it is a free-form field or lies inside one)."""
     dc: typing.Any = schema.RunConfig
     for part in key.split("."):
         if not dataclasses.is_dataclass(dc) or part not in {f.name for f in dataclasses.fields(dc)}:
-            return False
+            return False, False
         dc = _field_type(dc, part)
-    return True
+        if _is_free_form(dc):
+            return part == key.split(".")[-1], True
+    return True, False
+
+
+def _is_field(key: str) -> bool:
+    """Whether a dotted key names a schema field itself (not a user key inside a free-form field)."""
+    return _walk(key)[0]
 
 
 def _in_free_form(key: str) -> bool:
     """Whether a dotted key is a free-form field of the schema (a dict or Any) or lies inside one."""
-    dc: typing.Any = schema.RunConfig
-    for part in key.split("."):
-        if not dataclasses.is_dataclass(dc) or part not in {f.name for f in dataclasses.fields(dc)}:
-            return False
-        dc = _field_type(dc, part)
-        if _is_free_form(dc):
-            return True
-    return False
+    return _walk(key)[1]
 
 
 def to_run_config(cfg, overrides: list[str] = ()) -> schema.RunConfig:
