@@ -33,6 +33,9 @@ def test_each_trial_is_one_offline_run_with_config_steps_summary_and_tags(make_c
     steps = [row["_step"] for row in done["history"] if "train/loss" in row]
     assert steps == sorted(steps) and len(steps) >= 4  # the loss over optimizer steps
     assert any("eval/loss" in row for row in done["history"])  # the pruning evals
+    rates = [row["train/learning_rate"] for row in done["history"] if "train/learning_rate" in row]
+    assert len(rates) >= 4 and max(rates) == pytest.approx(0.003)  # the learning rate over optimizer steps,
+    assert len(set(rates)) > 1  # following its schedule (warmup, decay)
     assert done["summary"]["eval_loss"] == pytest.approx(study.trials[0].value)
     assert done["summary"]["status"] == "complete" and "complete" in done["tags"]
     assert done["exit_code"] == 0
@@ -110,3 +113,30 @@ def test_summaries_flatten_nested_numbers_and_drop_what_wandb_cannot_chart():
     flat = tracking._scalars({"tuned": {"eval_loss": 0.5, "samples": [1, 2]}, "x": float("nan"), "ok": True,
                               "name": "qv", "n": 3})
     assert flat == {"tuned/eval_loss": 0.5, "name": "qv", "n": 3}
+
+
+def test_the_sweep_summary_run_has_best_params_importances_and_the_reports_plots(make_cfg, wandb_runs, monkeypatch,
+                                                                                 tmp_path):
+    """README: a sweep summary (`summary`: best params, importance table, the report's plots) is a run too."""
+    import matplotlib.image
+    import numpy as np
+
+    from tests.unit.test_report import make_study
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cfg = make_cfg(tracking="wandb")
+    out = tmp_path / "out"
+    study = make_study(out, n_trials=8, pruned=(3,))
+    (out / "plots").mkdir()
+    matplotlib.image.imsave(out / "plots" / "importance.png", np.zeros((4, 4, 3)))  # as report.write_report leaves
+    tracking.log_study(study, cfg, out)
+
+    run = wandb_runs(out)[f"summary-{cfg.sweep.name}"]
+    assert run["job_type"] == "summary" and run["exit_code"] == 0
+    assert run["config"]["best_params"] == study.best_params
+    assert run["summary"]["best_value"] == pytest.approx(study.best_value)
+    assert {f"best_params/{k}" for k in study.best_params} <= set(run["summary"])
+    assert any(k.startswith("importances/") for k in run["summary"])  # the shares, flattened
+    logged = {k: v for row in run["history"] for k, v in row.items()}  # a logged object's fields, keys joined by /
+    assert (logged["importance/_type"], logged["importance/nrows"]) == ("table-file", len(study.best_params))
+    assert logged["plots/importance/_type"] == "image-file"  # the report's plot
