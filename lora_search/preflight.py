@@ -22,6 +22,8 @@ NOT_A_RUN = ("--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--m
 # Hydra's flags that take the next argument as their value (`--cfg job`, `-p trainer`).
 WITH_VALUE = ("--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir", "-cd",
               "--experimental-rerun", "--info", "-i")
+# Stages that read a study the search wrote: on a study that is not there they refuse instead of creating it.
+FROM_STUDY = ("promote", "merge", "benchmark", "report")
 _checked: dict = {}  # repr(DataConfig) -> the task data the checks loaded
 
 
@@ -87,6 +89,8 @@ def check(cfg: RunConfig) -> None:
         return
     pipeline.preflight_sweep(cfg)
     _check_storage(cfg)
+    if cfg.stage in FROM_STUDY:
+        check_study_exists(cfg)
     if cfg.stage in ("all", "search"):
         task_data(cfg.data)
 
@@ -97,6 +101,27 @@ def _check_storage(cfg: RunConfig) -> None:
     checker = getattr(study, "check_storage", None)
     if checker is not None:
         checker(cfg)
+
+
+def check_study_exists(cfg: RunConfig) -> None:
+    """ConfigError naming the study and the storage when the study is not in it (an absent SQLite file is not
+    created)."""
+    import optuna
+    from sqlalchemy.engine import make_url
+
+    from lora_search import secrets, storage
+
+    url = storage.storage_url(cfg)
+    database = make_url(url).database if url.startswith("sqlite") else None
+    if database and database != ":memory:" and not Path(database).is_file():
+        names, found = [], "no such file"
+    else:
+        names = optuna.study.get_all_study_names(storage=storage.open_rdb(cfg))
+        found = f"studies there: {', '.join(sorted(names))}" if names else "it holds no study"
+    if cfg.sweep.name not in names:
+        raise ConfigError(f"no study {cfg.sweep.name!r} in storage {secrets.mask_url(url)!r} ({found}); stage="
+                          f"{cfg.stage} reads a finished search: run stage=search (or stage=all) first, or name the "
+                          f"study with sweep=<sweep> or sweep.name=<name> and its storage with sweep.storage=<URL>")
 
 
 def task_data(data_cfg):

@@ -122,6 +122,8 @@ CASES = [
     ("space-allows-unknown-preset", ["++sweep.space={lora.targets: {type: categorical, choices: [qv, everything]}}"],
      "lora.targets: unknown preset 'everything'"),
     ("trial-block-unknown-key", ["++sweep.trial={trainer.max_stepz: 4}"], "sweep.trial: unknown config key 'trainer.max_stepz'"),
+    ("report-on-a-missing-study", ["stage=report", "sweep.name=nosuch"],
+     "no study 'nosuch' in storage 'sqlite:///"),
 ]
 
 

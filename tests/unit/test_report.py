@@ -110,3 +110,44 @@ def test_a_study_of_one_trial_still_gets_a_report(cfg, tmp_path):
     assert "![" not in md and not list((out / "plots").glob("*.png"))
     assert (out / "report.html").exists()
     assert plots.importances(study) == {} and plots.summary(study, "eval_loss")["best_trial"] == 0
+
+
+def test_the_report_command_rebuilds_the_report_from_the_storage(tmp_path, tiny_cache, capsys, monkeypatch):
+    import sys
+
+    from lora_search.__main__ import main
+
+    results = tmp_path / "results"
+    make_study(results / "rank_lr")
+    monkeypatch.setattr(sys, "argv", ["lora_search"])  # main() hands Hydra its arguments through sys.argv
+    main(["report", "model=tiny_llama", f"results_dir={results}", f"cache_dir={tiny_cache}", "tracking=none",
+          f"hydra.run.dir={tmp_path / 'hydra'}"])
+    out = results / "rank_lr"
+    md = (out / "report.md").read_text()
+    assert "## Trials (12: 10 complete, 2 pruned)" in md and "](plots/history.png)" in md
+    assert (out / "plots" / "importances.png").read_bytes()[:8] == PNG_MAGIC and (out / "report.html").exists()
+    printed = capsys.readouterr().out
+    header = report.table(*report.trial_rows(optuna.load_study(study_name="rank_lr", storage=f"sqlite:///{out / 'study.db'}"),
+                                             "eval_loss")).splitlines()[0]
+    assert header.startswith("| # | state | dropout | r | targets | learning_rate | eval_loss |") and header in printed
+    assert f"report: {out / 'report.md'}" in printed
+    assert not (out / "trials").exists() and not (out / "full").exists()  # nothing trained
+
+
+def test_the_report_command_on_a_missing_study_is_one_line_and_writes_nothing(tmp_path, tiny_cache, capsys,
+                                                                             monkeypatch):
+    import sys
+
+    from lora_search.__main__ import main
+
+    results = tmp_path / "results"
+    monkeypatch.setattr(sys, "argv", ["lora_search"])
+    with pytest.raises(SystemExit) as info:
+        main(["report", "model=tiny_llama", "sweep.name=nosuch", f"results_dir={results}", f"cache_dir={tiny_cache}",
+              "tracking=none"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no study 'nosuch' in storage 'sqlite:///" in errors[0]
+    assert str(results / "nosuch" / "study.db") in errors[0] and "stage=search" in errors[0]
+    assert not results.exists()  # no empty study.db, no Hydra log
