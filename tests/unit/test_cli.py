@@ -96,3 +96,46 @@ def test_cfg_job_prints_the_composed_config_and_runs_nothing(tmp_path):
     config = yaml.safe_load(proc.stdout)
     assert config["model"]["name"] == "tiny_llama" and config["lora"]["r"] == 12
     assert not any(tmp_path.iterdir())
+
+
+def test_a_train_runs_status_records_provenance_and_a_failed_run_its_reason(make_cfg, monkeypatch):
+    import re
+    from importlib import metadata
+
+    from lora_search import runs
+
+    fast = [*TINY_FAST, "trainer.max_steps=2", "trainer.eval_every=0", "trainer.exact_match_items=2"]
+    run_dir = runs.train_stage(make_cfg("stage=train", "run_name=ok", *fast))
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "complete" and status["reason"] is None
+    provenance = status["provenance"]
+    for package in ("torch", "transformers", "peft", "trl", "optuna"):
+        assert provenance["packages"][package] == metadata.version(package), package
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", provenance["git"]) and provenance["git"].startswith(head)
+    assert provenance["machine"]["cores"] == os.cpu_count() and provenance["machine"]["python"]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(runs, "train_adapter", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        runs.train_stage(make_cfg("stage=train", "run_name=broken", *fast))
+    failed = json.loads((run_dir.parent / "broken" / "status.json").read_text())
+    assert failed["status"] == "failed" and failed["reason"] == "RuntimeError: disk full"
+    assert failed["provenance"]["packages"]["torch"] == metadata.version("torch")
+    assert not (run_dir.parent / "broken" / "metrics.json").exists()
+
+
+def test_run_name_is_model_lora_quant_and_time_unless_given(make_cfg):
+    import datetime
+    import re
+
+    from lora_search import runs
+
+    plain = runs.run_name(make_cfg("lora=minimal"))
+    match = re.fullmatch(r"tiny_llama-minimal-(\d{8}-\d{6})", plain)
+    assert match, plain
+    datetime.datetime.strptime(match[1], "%Y%m%d-%H%M%S")  # a real date and time
+    assert re.fullmatch(r"tiny_llama-balanced-nf4-\d{8}-\d{6}", runs.run_name(make_cfg("quant=nf4")))
+    assert runs.run_name(make_cfg("quant=nf4", "run_name=mine")) == "mine"
