@@ -14,12 +14,14 @@ import dataclasses
 import datetime
 import logging
 import re
+import sys
 import time
 from pathlib import Path
 
 from optuna.trial import TrialState
 
-from lora_search import models, records, report, tracking
+from lora_search import models, records, report, secrets, tracking
+from lora_search.errors import LoraSearchError
 from lora_search.promote import load_best, promote_stage
 from lora_search.schema import NightlyConfig, RunConfig
 from lora_search.study import finished, open_study, search_stage, study_dir
@@ -130,7 +132,8 @@ def decide(cfg: RunConfig, champion: dict | None, candidate: float | None, champ
 
 
 def run_night(cfg: RunConfig, get_worker, overrides: list[str] = ()) -> int:
-    """Run one night; return the exit code (0 no change, 3 new champion; failures are recorded, then raised)."""
+    """Run one night; return the exit code (0 no change, 3 new champion, 1 a user error recorded as the night's
+    failure; any other failure is recorded, then raised)."""
     night = night_label(cfg)
     cfg = _with(cfg, nightly=dataclasses.replace(cfg.sweep.nightly, night=night))
     out = study_dir(cfg)
@@ -147,7 +150,13 @@ def run_night(cfg: RunConfig, get_worker, overrides: list[str] = ()) -> int:
     except BaseException as e:
         entry.update(decision="failed", reason=f"{type(e).__name__}: {e}", wall_s=time.perf_counter() - t0)
         _close(cfg, night_dir, entry, None)
-        raise
+        if not isinstance(e, LoraSearchError):
+            raise
+        # A user-fixable error once the night had started (the config passed its checks): a recorded failure,
+        # exit 1 like any failed night, not 2 (bad configuration, nothing ran); one line, no traceback.
+        print(secrets.mask(f"error: night {night} failed: {e} (recorded in {night_dir / 'night.json'})"),
+              file=sys.stderr)
+        return EXIT["failed"]
     entry["wall_s"] = time.perf_counter() - t0
     _close(cfg, night_dir, entry, entry.pop("_champion", None))
     return EXIT[entry["decision"]]

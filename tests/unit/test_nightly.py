@@ -115,3 +115,69 @@ def test_the_command_line_exits_with_the_nights_code(monkeypatch, tmp_path, code
     else:
         cli.main(args)  # no change: a plain return, exit status 0
     assert seen == [True]
+
+
+def _night_cli(tmp_path, tiny_cache, monkeypatch, night):
+    """Run the command line in this process on a tiny nightly study; return its SystemExit code."""
+    import sys
+
+    from lora_search.__main__ import main
+
+    monkeypatch.setattr(sys, "argv", ["lora_search"])  # main() hands Hydra its arguments through sys.argv
+    with pytest.raises(SystemExit) as info:
+        main([*NIGHT, "model=tiny_llama", f"results_dir={tmp_path / 'results'}", f"cache_dir={tiny_cache}",
+              "tracking=none", f"sweep.nightly.night={night}", f"hydra.run.dir={tmp_path / 'hydra'}"])
+    return info.value.code
+
+
+def test_a_night_that_raises_exits_1_with_the_reason_in_night_json(tmp_path, tiny_cache, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of disk")
+
+    monkeypatch.setattr(nightly, "search_stage", broken)
+    assert _night_cli(tmp_path, tiny_cache, monkeypatch, "2026-11-07") == 1
+    out = tmp_path / "results" / "nightly"
+    night = _read(out / "nights" / "2026-11-07" / "night.json")
+    assert night["decision"] == "failed" and night["reason"] == "RuntimeError: out of disk"
+    last = _read(out / "champion.json")["history"][-1]
+    assert (last["night"], last["decision"]) == ("2026-11-07", "failed")
+
+
+def test_a_user_error_once_the_night_started_is_a_recorded_failure_exit_1_not_2(tmp_path, tiny_cache, monkeypatch,
+                                                                               capsys):
+    from lora_search.errors import DataError
+
+    def changed_under_us(*args, **kwargs):  # the checks passed; the data went bad while the night ran
+        raise DataError("data.path: /data/train.jsonl is empty (0 rows)")
+
+    monkeypatch.setattr(nightly, "search_stage", changed_under_us)
+    assert _night_cli(tmp_path, tiny_cache, monkeypatch, "2026-11-08") == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "night 2026-11-08 failed: data.path: /data/train.jsonl is empty" in errors[0]
+    assert "night.json" in errors[0] and "Traceback" not in err
+    night = _read(tmp_path / "results" / "nightly" / "nights" / "2026-11-08" / "night.json")
+    assert night["decision"] == "failed" and night["reason"] == "DataError: data.path: /data/train.jsonl is empty (0 rows)"
+
+
+def test_a_changed_base_model_retires_the_champion(make_cfg):
+    cfg = make_cfg(*NIGHT)
+    champion = {"night": "2026-11-01", "value": 0.5}
+    worse = 0.9  # tonight's candidate is worse than the champion was
+    decision, reason = nightly.decide(cfg, champion, worse, None, changed=["model"])
+    assert decision == "new_champion" and "base model changed" in reason
+    assert nightly.decide(cfg, champion, worse, 0.5, changed=["data"])[0] == "no_change"  # data alone: measured
+
+
+def test_the_night_label_defaults_to_todays_date(make_cfg, monkeypatch):
+    import datetime
+    import types
+
+    class Today(datetime.date):
+        @classmethod
+        def today(cls):
+            return cls(2027, 1, 2)
+
+    monkeypatch.setattr(nightly, "datetime", types.SimpleNamespace(date=Today, datetime=datetime.datetime))
+    assert nightly.night_label(make_cfg(*NIGHT)) == "2027-01-02"
+    assert nightly.night_label(make_cfg(*NIGHT, "sweep.nightly.night=rerun-1")) == "rerun-1"
