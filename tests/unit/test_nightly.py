@@ -181,3 +181,44 @@ def test_the_night_label_defaults_to_todays_date(make_cfg, monkeypatch):
     monkeypatch.setattr(nightly, "datetime", types.SimpleNamespace(date=Today, datetime=datetime.datetime))
     assert nightly.night_label(make_cfg(*NIGHT)) == "2027-01-02"
     assert nightly.night_label(make_cfg(*NIGHT, "sweep.nightly.night=rerun-1")) == "rerun-1"
+
+
+def test_the_shipped_schedules_run_the_nightly_sweep_as_the_readme_says():
+    import configparser
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from lora_search.compose import load_config
+
+    folder = Path(__file__).resolve().parents[2] / "examples" / "nightly"
+    command = re.compile(r"python -m lora_search sweep=nightly(\s|$)")
+    assert load_config(["sweep=nightly"]).sweep.nightly.enabled  # what they run is the nightly study
+
+    # crontab: one schedule line, under flock so nights never overlap
+    lines = [line for line in (folder / "crontab").read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert len(lines) == 1 and all(re.fullmatch(r"[0-9*/,-]+", field) for field in lines[0].split()[:5]), lines
+    flock = re.search(r"flock -n (\S+) (\S*python) -m lora_search sweep=nightly", lines[0])
+    assert flock and flock[1].endswith(".lock"), lines[0]
+
+    # systemd: a oneshot service for which exit 3 (a new champion) is a success, and a daily timer for it
+    unit = configparser.ConfigParser(interpolation=None, strict=False)
+    unit.optionxform = str
+    unit.read_string((folder / "lora-search-nightly.service").read_text())
+    assert unit["Service"]["Type"] == "oneshot" and unit["Service"]["SuccessExitStatus"].split() == ["3"]
+    assert command.search(unit["Service"]["ExecStart"])
+    timer = configparser.ConfigParser(interpolation=None, strict=False)
+    timer.optionxform = str
+    timer.read_string((folder / "lora-search-nightly.timer").read_text())
+    assert timer["Timer"]["OnCalendar"] and timer["Install"]["WantedBy"] == "timers.target"
+    assert "Unit" not in timer["Timer"]  # so it starts the service of the same name, lora-search-nightly.service
+
+    # GitHub Actions: scheduled, on a self-hosted GPU runner, exit 3 turned into success, other codes kept
+    flow = yaml.safe_load((folder / "github-actions-nightly.yml").read_text())
+    trigger = flow.get("on", flow.get(True))  # YAML 1.1 reads the key `on` as true
+    assert trigger["schedule"][0]["cron"]
+    (job,) = flow["jobs"].values()
+    assert {"self-hosted", "gpu"} <= set(job["runs-on"])
+    script = next(step["run"] for step in job["steps"] if command.search(step.get("run", "")))
+    assert "if [ $rc -eq 3 ]" in script and "exit 0" in script and script.rstrip().endswith("exit $rc")
