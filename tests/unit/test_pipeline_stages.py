@@ -1,0 +1,65 @@
+"""Stages from what is on disk (README "The sweep"): a finished stage is skipped on a second run unless it is named
+or force=true; the sweep shows each trial and ends with the trial table and the report's path; sweep.timeout_s ends a
+search early."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import optuna
+import pytest
+
+from lora_search import pipeline, report, runs, study as study_lib
+
+SMALL = ["data.train_per_task=24", "data.eval_per_task=6", "++sweep.trial={trainer.max_steps: 8, trainer.eval_every: 4, "
+         "trainer.batch_size: 4, trainer.exact_match_items: 0, trainer.max_new_tokens: 4}"]
+
+
+def test_a_timeout_ends_the_search_before_n_trials(make_cfg):
+    cfg = make_cfg(*SMALL, "stage=search", "sweep.n_trials=50", "sweep.timeout_s=1", "sweep.pruner=none")
+    assert pipeline.run(cfg) == 0
+    study = study_lib.open_study(cfg)
+    finished = study_lib.finished(study)
+    assert 1 <= len(finished) < 50  # the trial running when the budget ran out finishes; no new one starts
+    assert not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+
+
+@pytest.mark.slow  # a whole tiny pipeline, then three more runs of its later stages
+def test_finished_stages_are_skipped_unless_named_or_forced_and_the_sweep_ends_with_its_table(make_cfg, capsys,
+                                                                                            caplog, monkeypatch):
+    common = [*SMALL, "sweep.n_trials=2", "sweep.pruner=none",
+              "++sweep.promotion={trainer.max_steps: 8, trainer.eval_every: 0, trainer.exact_match_items: 2}",
+              "benchmark.latency_prompts=1", "benchmark.repeats=1", "benchmark.max_new_tokens=2",
+              "benchmark.int8_dynamic=false"]
+    cfg = make_cfg(*common)
+    with caplog.at_level(logging.INFO, logger="lora_search"):
+        assert pipeline.run(cfg) == 0
+    out = study_lib.study_dir(cfg)
+    progress = [r.getMessage() for r in caplog.records if re.match(r"trial \d+/2 (COMPLETE|PRUNED)", r.getMessage())]
+    assert len(progress) == 2, progress  # each trial shown as it finishes
+    printed = capsys.readouterr().out
+    header = report.table(*report.trial_rows(study_lib.open_study(cfg), cfg.sweep.metric)).splitlines()[0]
+    assert header.startswith("| # | state |") and header in printed  # the trial table
+    assert printed.rstrip().splitlines()[-1] == f"report: {out / 'report.md'}"  # and last, the report's path
+
+    files = {name: out / name for name in ("benchmark.json", "merge.json")} | {"full": out / "full" / "metrics.json"}
+
+    def stamps():
+        return {name: path.stat().st_mtime_ns for name, path in files.items()}
+
+    first = stamps()
+    monkeypatch.setattr(runs, "start_worker", lambda *a, **k: pytest.fail("stage=all loaded a model again"))
+    assert pipeline.run(cfg) == 0  # the same command: every stage finished, nothing redone
+    assert stamps() == first
+    monkeypatch.undo()
+
+    assert pipeline.run(make_cfg(*common, "stage=benchmark")) == 0  # a named stage runs again, alone
+    second = stamps()
+    assert second["benchmark.json"] > first["benchmark.json"]
+    assert (second["merge.json"], second["full"]) == (first["merge.json"], first["full"])
+
+    assert pipeline.run(make_cfg(*common, "force=true")) == 0  # force: promotion, merge and benchmark again
+    third = stamps()
+    assert all(third[name] > second[name] for name in files), (second, third)
+    assert len(study_lib.finished(study_lib.open_study(cfg))) == 2  # the finished search is never redone
