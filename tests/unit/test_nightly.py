@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lora_search import nightly, pipeline, study as study_lib
+from lora_search import guard, nightly, pipeline, study as study_lib
 from lora_search.errors import ConfigError
 
 NIGHT = ["sweep=nightly", "data.train_per_task=24", "data.eval_per_task=6", "sweep.timeout_s=600",
@@ -222,3 +222,16 @@ def test_the_shipped_schedules_run_the_nightly_sweep_as_the_readme_says():
     assert {"self-hosted", "gpu"} <= set(job["runs-on"])
     script = next(step["run"] for step in job["steps"] if command.search(step.get("run", "")))
     assert "if [ $rc -eq 3 ]" in script and "exit 0" in script and script.rstrip().endswith("exit $rc")
+
+
+@pytest.mark.parametrize("error, code", [(guard.TooManyFailures("5 trials failed in a row"), 4), (KeyboardInterrupt(), 130)])
+def test_a_night_whose_trials_keep_failing_or_that_is_interrupted_is_recorded_as_failed(make_cfg, monkeypatch, error,
+                                                                                      code):
+    def stop(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(nightly, "search_stage", stop)
+    cfg = make_cfg(*NIGHT, "sweep.nightly.night=2026-11-09")
+    assert pipeline.run(cfg) == code  # as for any sweep: 4 trials kept failing, 130 Ctrl-C (143 SIGTERM)
+    night = _read(study_lib.study_dir(cfg) / "nights" / "2026-11-09" / "night.json")
+    assert night["decision"] == "failed" and night["reason"].startswith(type(error).__name__)
