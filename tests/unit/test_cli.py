@@ -45,17 +45,13 @@ def _bad_file(tmp_path):
     return path
 
 
+# A few inputs as real processes (the exit code and stderr a shell sees); the whole catalogue, 58 inputs, runs
+# in-process in test_bad_input.py.
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["model=gpt5"], "model=gpt5 is not a known model config"),
-        (["lora.r=0"], "lora.r must be a positive integer, got 0"),
-        (["lora.dropout=1.5"], "lora.dropout must be in [0, 1), got 1.5"),
-        (["trainer.learning_rate=-3e-4"], "trainer.learning_rate must be a positive number, got -0.0003"),
         (["trainr.learning_rate=1e-4"], "unknown config key 'trainr.learning_rate'; did you mean trainer.learning_rate?"),
         (["model=tiny_llama", "lora.targets=[q_proj,wq]"], "lora.targets: entry 'wq' matches no module"),
-        (["model=tiny_llama", "lora.targets=fused"], "lora.targets: unknown preset 'fused'"),
-        (["data=local", "data.path=/nonexistent/train.jsonl"], "data.path: no such file '/nonexistent/train.jsonl'"),
         (["model=tiny_llama", "data=local", "data.path=BADFILE", "data.layout=prompt_completion"],
          "is missing column(s) prompt, completion; it has: question, reply"),
     ],

@@ -161,6 +161,7 @@ def _files_holding(folder: Path, needles: list[str]) -> list[str]:
     return hits
 
 
+@pytest.mark.slow  # two real command-line runs (a sweep, then a refused one)
 def test_a_run_writes_and_prints_no_secret(tmp_path, tiny_cache):
     """Acceptance (issue 13, point 9): a real sweep and a failing one, every file and both streams searched."""
     hf_token, wandb_key = f"hf_{uuid.uuid4().hex}", uuid.uuid4().hex + uuid.uuid4().hex[:8]

@@ -68,7 +68,9 @@ def _finish_again(tmp_path: Path, cache: str) -> list:
     return trials
 
 
-@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+# Each runs the command twice (interrupted, then resumed): SIGINT stays in the fast tests, SIGTERM and SIGKILL are slow.
+@pytest.mark.parametrize("signum, code", [pytest.param(signal.SIGTERM, 143, marks=pytest.mark.slow),
+                                          (signal.SIGINT, 130)])
 def test_a_signal_fails_the_trial_as_interrupted_and_the_same_command_resumes(tmp_path, tiny_cache, signum, code):
     proc = _start(tmp_path, tiny_cache, "run1.log")
     try:
@@ -92,6 +94,7 @@ def test_a_signal_fails_the_trial_as_interrupted_and_the_same_command_resumes(tm
     assert trials[1].params == first.params and trials[1].user_attrs["retry_of"] == 0  # the interrupted one first
 
 
+@pytest.mark.slow
 def test_after_sigkill_the_next_run_fails_the_dead_workers_trial_and_finishes(tmp_path, tiny_cache):
     proc = _start(tmp_path, tiny_cache, "run1.log")
     try:
