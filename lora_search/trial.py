@@ -91,6 +91,9 @@ def rewrites_base(init) -> bool:
 def check_space(space: dict) -> list[str]:
     """Problems with the search space: unknown keys (with the closest ones), keys no trial can act on, bad
     distributions."""
+    if not space:
+        return ["sweep.space is empty: every trial would train the same configuration; name at least one config "
+                "key to search, e.g. lora.r: {type: categorical, choices: [8, 16]} (one configuration: stage=train)"]
     problems = []
     for key, dist in space.items():
         key_problem = compose.check_key(key) or not_per_trial(key)

@@ -111,6 +111,7 @@ CASES = [
     ("grid-over-a-float", ["sweep.sampler=grid"], "grid needs categorical entries"),
     ("space-key-unknown", ["++sweep.space={lora.rnak: {type: categorical, choices: [4, 8]}}"],
      "unknown config key 'lora.rnak'; did you mean lora.r?"),
+    ("space-empty", ["sweep.space={}"], "sweep.space is empty: every trial would train the same configuration"),
     ("space-low-above-high", ["++sweep.space={lora.dropout: {type: float, low: 0.2, high: 0.1}}"],
      "sweep.space.lora.dropout: low must be below high, got low=0.2 high=0.1"),
     ("space-log-low-not-positive", ["++sweep.space={trainer.learning_rate: {type: float, low: 0, high: 1, log: true}}"],
