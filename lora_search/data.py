@@ -54,14 +54,30 @@ def detect_layout(columns: list[str], where: str) -> str:
     )
 
 
+class NotText(ValueError):
+    """A value that is neither text nor a list of text parts (a JSON object, an image part, a list of numbers)."""
+
+
 def _text(value) -> str:
-    return "" if value is None else str(value)
+    """A message content as text: a string as it is; OpenAI-style content parts ([{type: text, text: ...}]) joined,
+    as chat templates join them; anything else (an object, an image part) is not text and is refused, never
+    turned into its Python repr."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
+        return "".join(_text(p.get("text")) for p in value)
+    kind = "a JSON object" if isinstance(value, dict) else "a list" if isinstance(value, list) else type(value).__name__
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    raise NotText(f"holds {kind} where text is expected ({shown}); only text and text parts "
+                  "([{\"type\": \"text\", \"text\": ...}]) can be trained on")
 
 
 def _message_list(value, role: str) -> list[dict]:
-    if isinstance(value, list):
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
         return [{"role": m.get("role"), "content": _text(m.get("content"))} for m in value]
-    return [{"role": role, "content": _text(value)}]
+    return [{"role": role, "content": _text(value)}]  # a string, or text parts; anything else is NotText
 
 
 def _from_sharegpt(turns: list[dict]) -> list[dict]:
@@ -160,7 +176,10 @@ def _convert(table, layout: str, cfg: DataConfig) -> tuple[list[dict], dict]:
     _check_columns(table, layout, cfg)
     rows, dropped = [], {}
     for row, place in zip(table.rows, table.places):
-        prompt, completion = to_prompt_completion(row, layout, cfg)
+        try:
+            prompt, completion = to_prompt_completion(row, layout, cfg)
+        except NotText as e:
+            raise DataError(f"{table.where} {place} {e}") from None
         reason = drop_reason(prompt, completion)
         if reason:
             entry = dropped.setdefault(reason, {"rows": 0, "first": place})

@@ -37,6 +37,7 @@ def _files(tmp: Path) -> dict[str, str]:
             json.dumps({"messages": [{"role": "user", "content": f"hi {i}"}]}) + "\n" for i in range(4))),
         "LATIN1": _write(tmp / "latin1.jsonl", ok.encode() + '{"prompt": "café", "completion": "été"}\n'.encode("latin-1")),
         "OKFILE": _write(tmp / "ok.jsonl", ok),
+        "NESTED": _write(tmp / "nested.jsonl", ok + json.dumps({"prompt": "q", "completion": {"text": "a"}}) + "\n"),
         "TXTFILE": _write(tmp / "notes.txt", "hello"),
         "NOLAYOUT": _write(tmp / "nolayout.jsonl", '{"question": "q", "reply": "a"}\n' * 3),
         "QAFILE": _write(tmp / "qa.jsonl", "".join(
@@ -74,6 +75,8 @@ CASES = [
     ("data-no-assistant-turn", ["data=local", "data.path=NOASSISTANT"],
      "no usable rows: 4 rows without an assistant turn (first at line 1)"),
     ("data-not-utf8", ["data=local", "data.path=LATIN1"], "is not UTF-8 text: byte 237 (line 7) is 0xe9; save it as UTF-8"),
+    ("data-value-not-text", ["data=local", "data.path=NESTED"],
+     "line 7 holds a JSON object where text is expected ({'text': 'a'})"),
     ("data-column-mapping-missing", ["data=local", "data.path=QAFILE", "data.layout=columns",
                                      "data.columns.prompt=question", "data.columns.completion=answr"],
      "is missing column(s) answr (data.columns.completion='answr'); it has: question, answer"),

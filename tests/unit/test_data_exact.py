@@ -392,3 +392,25 @@ def test_other_hub_builders_go_through_datasets_and_refuse_non_text_columns(tmp_
     stamps = pa.array([datetime.datetime(1999, 1, 31)] * 3, pa.timestamp("s"))
     message = error_of(DataConfig(source="hub", path=arrow_folder("stamps", stamps)))
     assert "column completion is timestamp[s], not text; store it as a string column" in message
+
+
+def test_openai_style_text_parts_are_joined_as_chat_templates_join_them(tmp_path):
+    parts = lambda *texts: [{"type": "text", "text": t} for t in texts]  # noqa: E731
+    rows = [{"messages": [{"role": "user", "content": parts("Date of ", f"item {i}?")},
+                          {"role": "assistant", "content": parts("1999-01-", "31")}]} for i in range(4)]
+    path = tmp_path / "parts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = load_task_data(DataConfig(source="local", path=str(path), eval_fraction=0.25))
+    prompts = sorted(r["prompt"][-1]["content"] for r in data.train.to_list() + data.eval.to_list())
+    assert prompts == [f"Date of item {i}?" for i in range(4)] and data.eval_answers == ["1999-01-31"]
+
+
+@pytest.mark.parametrize("value, kind", [({"text": "x"}, "a JSON object"), ([1, 2], "a list"),
+                                         ([{"type": "image_url", "image_url": {"url": "x"}}], "a list")])
+def test_a_value_that_is_not_text_is_refused_naming_the_line_never_its_repr(tmp_path, value, kind):
+    path = tmp_path / "nested.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": value if i == 2 else "a"}) + "\n"
+                            for i in range(4)))
+    with pytest.raises(DataError) as info:
+        load_task_data(DataConfig(source="local", path=str(path)))
+    assert f"data.path '{path}' line 3 holds {kind} where text is expected" in str(info.value)
