@@ -43,7 +43,7 @@ from lora_search import study as study_lib  # noqa: E402
 from lora_search.compose import load_config  # noqa: E402
 from lora_search.data import load_task_data  # noqa: E402
 from lora_search.schema import RunConfig  # noqa: E402
-from lora_search.train import StepTimer, timed_evaluate  # noqa: E402
+from lora_search.evaluate import StepTimer, timed_evaluate  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 log = logging.getLogger("peer_sweep")

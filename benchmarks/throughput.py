@@ -262,7 +262,7 @@ def run_trl(cfg, work: Path, skip: int) -> dict:
 
     from lora_search import hardware, models
     from lora_search.data import load_task_data
-    from lora_search.train import timed_evaluate
+    from lora_search.evaluate import timed_evaluate
 
     folder = models.local_copy(cfg.model, cfg.cache_dir)
     data = load_task_data(cfg.data)

@@ -1,4 +1,5 @@
-"""Greedy answers to held-out prompts, formatted exactly as in training, and exact-match scoring."""
+"""Greedy answers to held-out prompts, formatted exactly as in training, and exact-match scoring; the timing of a
+trainer's optimizer steps and evals, and a run's final eval."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import re
 import time
 
 import torch
+from transformers import TrainerCallback
+
+from lora_search.schema import RunConfig
 
 
 def prompt_texts(tokenizer, prompts: list) -> list[str]:
@@ -62,3 +66,45 @@ def score(model, tokenizer, prompts: list, references: list[str], max_new_tokens
     answers, stats = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
     samples = [{"answer": a, "reference": r} for a, r in list(zip(answers, references))[:4]]
     return {"exact_match": exact_match(answers, references), "generate_s": stats["seconds"], "samples": samples}
+
+
+class StepTimer(TrainerCallback):
+    """Time spent inside optimizer steps, so tokens/s leaves evals and setup out."""
+
+    def __init__(self):
+        self.seconds, self._t0 = 0.0, None
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._t0 = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self._t0 is not None:
+            self.seconds += time.perf_counter() - self._t0
+            self._t0 = None
+
+
+def timed_evaluate(trainer) -> dict:
+    """Make trainer.evaluate record its seconds and last result (periodic and final evals alike)."""
+    stats = {"seconds": 0.0, "count": 0, "last": None}
+    original = trainer.evaluate
+
+    def evaluate(*args, **kwargs):
+        t0 = time.perf_counter()
+        result = original(*args, **kwargs)
+        stats["seconds"] += time.perf_counter() - t0
+        stats["count"] += 1
+        stats["last"] = (trainer.state.global_step, kwargs.get("eval_dataset") is None, result)
+        return result
+
+    trainer.evaluate = evaluate
+    return stats
+
+
+def final_eval(trainer, cfg: RunConfig, full_eval, evals: dict) -> dict:
+    """The run's final eval: every row, or the subset (reusing a periodic eval on the last step)."""
+    if cfg.trainer.final_eval == "full":
+        return trainer.evaluate(eval_dataset=full_eval)
+    last = evals["last"]
+    if last and last[0] == trainer.state.global_step and last[1]:
+        return last[2]
+    return trainer.evaluate()

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
 
 from lora_search import adapters, evaluate, hardware
+from lora_search.evaluate import StepTimer, final_eval, timed_evaluate
 from lora_search.data import TaskData
 from lora_search.models import Base
 from lora_search.schema import RunConfig
@@ -44,48 +44,6 @@ def trained_on(worker: Worker) -> dict:
         else "none"
     return {"base_model": worker.base.name, "base_quant": quant, "base_dtype": str(worker.base.dtype).split(".")[-1],
             "train_rows": len(worker.data.train), "eval_data_rows": len(worker.data.eval)}
-
-
-class StepTimer(TrainerCallback):
-    """Time spent inside optimizer steps, so tokens/s leaves evals and setup out."""
-
-    def __init__(self):
-        self.seconds, self._t0 = 0.0, None
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._t0 = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self._t0 is not None:
-            self.seconds += time.perf_counter() - self._t0
-            self._t0 = None
-
-
-def timed_evaluate(trainer) -> dict:
-    """Make trainer.evaluate record its seconds and last result (periodic and final evals alike)."""
-    stats = {"seconds": 0.0, "count": 0, "last": None}
-    original = trainer.evaluate
-
-    def evaluate(*args, **kwargs):
-        t0 = time.perf_counter()
-        result = original(*args, **kwargs)
-        stats["seconds"] += time.perf_counter() - t0
-        stats["count"] += 1
-        stats["last"] = (trainer.state.global_step, kwargs.get("eval_dataset") is None, result)
-        return result
-
-    trainer.evaluate = evaluate
-    return stats
-
-
-def final_eval(trainer, cfg: RunConfig, full_eval, evals: dict) -> dict:
-    """The run's final eval: every row, or the subset (reusing a periodic eval on the last step)."""
-    if cfg.trainer.final_eval == "full":
-        return trainer.evaluate(eval_dataset=full_eval)
-    last = evals["last"]
-    if last and last[0] == trainer.state.global_step and last[1]:
-        return last[2]
-    return trainer.evaluate()
 
 
 # Attention implementations that keep padding-free rows apart by their position_ids: transformers builds a
