@@ -12,12 +12,13 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from lora_search import datafiles, datareport
+from lora_search import datafiles, datareport, pairs
 from lora_search import tasks as task_gen
 from lora_search.errors import DataError
 from lora_search.schema import DataConfig
 
 LAYOUT_COLUMNS = {
+    "preference": ("chosen", "rejected"),  # first: a preference file may also have a prompt or messages column
     "messages": ("messages",),
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
@@ -27,12 +28,13 @@ LAYOUT_COLUMNS = {
 
 @dataclass
 class TaskData:
-    train: object  # datasets.Dataset with prompt, completion
-    eval: object  # datasets.Dataset with prompt, completion
-    eval_answers: list[str]  # the reference completion text of each eval row
+    train: object  # datasets.Dataset with prompt, completion (kind sft) or prompt, chosen, rejected (kind preference)
+    eval: object  # the same columns
+    eval_answers: list[str]  # the reference completion (or chosen answer) text of each eval row
     layout: str
     fingerprint: str  # sha256 of every row: tells when the data changed
     report: dict = field(default_factory=dict)  # datareport.build: rows read, dropped and why, duplicates, leakage
+    kind: str = "sft"  # sft: prompt/completion rows | preference: prompt/chosen/rejected pairs (trainer=dpo)
 
     def eval_prompts(self, n: int | None = None) -> list:
         """The first n eval prompts (message lists or strings), for generation."""
@@ -42,15 +44,22 @@ class TaskData:
 
 def detect_layout(columns: list[str], where: str) -> str:
     """The layout whose columns a table has; DataError naming the columns otherwise."""
-    if "conversations" in columns:
+    half = [c for c in ("chosen", "rejected") if c in columns]
+    if len(half) == 1:
+        missing = "rejected" if half == ["chosen"] else "chosen"
+        raise DataError(f"{where} has a {half[0]} column but no {missing} column: preference pairs need both chosen "
+                        f"and rejected (prompt optional); it has: {', '.join(columns)} (other names: data.layout=columns "
+                        "data.columns.chosen=<col> data.columns.rejected=<col>)")
+    if "conversations" in columns and not half:
         return "messages"
     for layout, needed in LAYOUT_COLUMNS.items():
         if set(needed) <= set(columns):
             return layout
     raise DataError(
         f"{where}: cannot tell the layout from its columns ({', '.join(columns)}); expected messages, "
-        "prompt+completion, instruction+output (alpaca) or instruction+response (dolly), "
-        "or set data.layout=columns with data.columns.prompt=<col> data.columns.completion=<col>"
+        "prompt+completion, instruction+output (alpaca), instruction+response (dolly) or chosen+rejected "
+        "(preference pairs, prompt optional), or set data.layout=columns with data.columns.prompt=<col> "
+        "data.columns.completion=<col> (pairs: data.columns.chosen=<col> data.columns.rejected=<col>)"
     )
 
 
@@ -123,7 +132,8 @@ def to_prompt_completion(row: dict, layout: str, cfg: DataConfig) -> tuple[list[
 
 def _required_columns(layout: str, cfg: DataConfig) -> tuple[str, ...]:
     if layout == "columns":
-        return tuple(cfg.columns[k] for k in ("prompt", "completion", "system") if k in cfg.columns)
+        return tuple(cfg.columns[k] for k in ("prompt", "completion", "system", "chosen", "rejected")
+                     if k in cfg.columns)
     return LAYOUT_COLUMNS[layout]
 
 
@@ -151,7 +161,8 @@ def _check_columns(table, layout: str, cfg: DataConfig) -> None:
             keys = " (" + ", ".join(f"data.columns.{k}={v!r}" for k, v in cfg.columns.items() if v in missing) + ")"
         raise DataError(f"{table.where} (layout {layout}) is missing column(s) {', '.join(missing)}{keys}; "
                         f"it has: {', '.join(cols)}")
-    used = [c for c in (*_required_columns(layout, cfg), "conversations", "input", "context") if c in cols]
+    optional = ("prompt",) if layout == "preference" else ("conversations", "input", "context")
+    used = [c for c in (*_required_columns(layout, cfg), *optional) if c in cols]
     for col in used:
         if col in table.untextable:
             raise DataError(f"{table.where}: column {col} is {table.untextable[col]}, not text; "
@@ -175,17 +186,23 @@ def _convert(table, layout: str, cfg: DataConfig) -> tuple[list[dict], dict]:
         raise DataError(f"{table.where} is empty (0 rows)")
     _check_columns(table, layout, cfg)
     rows, dropped = [], {}
+    preference = pairs.is_pairs(layout, cfg)
     for row, place in zip(table.rows, table.places):
         try:
-            prompt, completion = to_prompt_completion(row, layout, cfg)
+            if preference:
+                prompt, chosen, rejected = pairs.to_pair(row, layout, cfg, _text)
+                reason, converted = pairs.drop_reason(prompt, chosen, rejected), \
+                    {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+            else:
+                prompt, completion = to_prompt_completion(row, layout, cfg)
+                reason, converted = drop_reason(prompt, completion), {"prompt": prompt, "completion": completion}
         except NotText as e:
             raise DataError(f"{table.where} {place} {e}") from None
-        reason = drop_reason(prompt, completion)
         if reason:
             entry = dropped.setdefault(reason, {"rows": 0, "first": place})
             entry["rows"] += 1
         else:
-            rows.append({"prompt": prompt, "completion": completion})
+            rows.append(converted)
     stats = {"source": table.where, "layout": layout, "rows_read": len(table.rows), "dropped": dropped,
              "usable": len(rows)}
     if not rows:
@@ -196,9 +213,17 @@ def _convert(table, layout: str, cfg: DataConfig) -> tuple[list[dict], dict]:
 
 
 def _embedded_rows(cfg: DataConfig):
-    train, evals = task_gen.train_eval(list(cfg.tasks), cfg.train_per_task, cfg.eval_per_task, cfg.seed)
-
     system = [{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else []
+    if cfg.layout == "preference":
+        train, evals = task_gen.pairs_train_eval(list(cfg.tasks), cfg.train_per_task, cfg.eval_per_task, cfg.seed)
+
+        def as_pair(r):
+            return {"prompt": system + [{"role": "user", "content": r["prompt"]}],
+                    "chosen": [{"role": "assistant", "content": r["chosen"]}],
+                    "rejected": [{"role": "assistant", "content": r["rejected"]}]}
+
+        return [as_pair(r) for r in train], [as_pair(r) for r in evals]
+    train, evals = task_gen.train_eval(list(cfg.tasks), cfg.train_per_task, cfg.eval_per_task, cfg.seed)
 
     def as_row(r):
         prompt = system + [{"role": "user", "content": r["prompt"]}]
@@ -247,7 +272,7 @@ def load_task_data(cfg: DataConfig) -> TaskData:
 
     if cfg.source == "embedded":
         train_rows, eval_rows = _embedded_rows(cfg)
-        layout = "prompt_completion"
+        layout = "preference" if cfg.layout == "preference" else "prompt_completion"
         stats = {"source": "embedded tasks", "layout": layout, "rows_read": len(train_rows), "dropped": {},
                  "usable": len(train_rows)}
         eval_stats = {**stats, "source": "embedded tasks (eval)", "rows_read": len(eval_rows),
@@ -258,6 +283,11 @@ def load_task_data(cfg: DataConfig) -> TaskData:
         rows, stats = _convert(table, layout, cfg)
         if eval_table is not None:
             eval_layout = _layout(eval_table, cfg)
+            if pairs.is_pairs(eval_layout, cfg) != pairs.is_pairs(layout, cfg):
+                kinds = {True: "preference pairs (chosen/rejected)", False: "prompt/completion rows"}
+                raise DataError(f"{eval_table.where} holds {kinds[pairs.is_pairs(eval_layout, cfg)]} ({eval_layout} "
+                                f"layout) but {table.where} holds {kinds[pairs.is_pairs(layout, cfg)]} ({layout} "
+                                "layout); the eval data must be of the same kind as the training data")
             eval_rows, eval_stats = _convert(eval_table, eval_layout, cfg)
             train_rows = rows
         else:
@@ -268,11 +298,13 @@ def load_task_data(cfg: DataConfig) -> TaskData:
         train_rows = train_rows[: cfg.max_train_rows]
     if cfg.max_eval_rows:
         eval_rows = eval_rows[: cfg.max_eval_rows]
-    answers = [r["completion"][-1]["content"] for r in eval_rows]
+    kind = "preference" if pairs.is_pairs(layout, cfg) else "sft"
+    answers = [r["chosen" if kind == "preference" else "completion"][-1]["content"] for r in eval_rows]
     digest = fingerprint(train_rows + eval_rows)
     report = datareport.build(stats, eval_stats, train_rows, eval_rows)
     if cfg.format == "raw":
-        train_rows, eval_rows = _as_raw_text(train_rows), _as_raw_text(eval_rows)
+        raw = pairs.as_raw_text if kind == "preference" else _as_raw_text
+        train_rows, eval_rows = raw(train_rows), raw(eval_rows)
     return TaskData(
         train=datasets.Dataset.from_list(train_rows),
         eval=datasets.Dataset.from_list(eval_rows),
@@ -280,4 +312,5 @@ def load_task_data(cfg: DataConfig) -> TaskData:
         layout=layout,
         fingerprint=digest,
         report=report,
+        kind=kind,
     )

@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from lora_search.errors import DataError
 from lora_search.validate import DATA_SUFFIXES as FORMATS  # suffix -> json | csv | parquet
 NESTED_COLUMNS = ("messages", "conversations")  # CSV cells of these columns hold a JSON list of messages
+# CSV cells of these columns hold text, or a JSON list of messages ([{"role": ..., "content": ...}], a dialogue):
+# read as messages only when the whole cell is such a list, as text otherwise
+MAYBE_NESTED = ("prompt", "completion", "chosen", "rejected")
 # JSON numbers and constants (NaN, Infinity) as their literal text: 1e3 stays "1e3", 1.50 stays "1.50".
 _DECODER = json.JSONDecoder(parse_int=str, parse_float=str, parse_constant=str)
 
@@ -120,6 +123,9 @@ def read_csv(text: str, where: str) -> Table:
         if len(cells) > len(header):
             raise DataError(f"{where} line {line}: {len(cells)} cells but the header has {len(header)} columns")
         row = dict(zip(header, cells + [""] * (len(header) - len(cells))))
+        for col in MAYBE_NESTED:
+            if col in row:
+                row[col] = _dialogue_or_text(row[col])
         for col in NESTED_COLUMNS:
             if row.get(col, "").strip():
                 try:
@@ -130,6 +136,19 @@ def read_csv(text: str, where: str) -> Table:
         rows.append(row)
         places.append(f"line {line}")
     return Table(rows, header or [], places, where)
+
+
+def _dialogue_or_text(cell: str):
+    """A CSV cell that is exactly a JSON list of role/content messages, as that list; any other cell as its text."""
+    if not cell.lstrip().startswith("[{"):
+        return cell
+    try:
+        value = _DECODER.decode(cell.strip())
+    except json.JSONDecodeError:
+        return cell
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
+        return as_text(value)
+    return cell
 
 
 def _scalar_text(value):

@@ -15,11 +15,11 @@ def _key(value) -> str:
 
 
 def duplicates(rows: list[dict]) -> int:
-    """Rows that repeat an earlier row's prompt and completion."""
+    """Rows that repeat an earlier row's prompt and completion (or prompt, chosen and rejected)."""
     seen = set()
     count = 0
     for r in rows:
-        key = _key([r["prompt"], r["completion"]])
+        key = _key([r.get(k) for k in ("prompt", "completion", "chosen", "rejected")])
         count += key in seen
         seen.add(key)
     return count
@@ -57,6 +57,28 @@ def row_tokens(row: dict, tokenizer) -> tuple[list[int], int]:
     return list(ids), common_prefix_length(prompt_ids, ids)
 
 
+def pair_tokens(row: dict, tokenizer) -> tuple[list[int], list[int], int]:
+    """A preference pair's prompt+chosen and prompt+rejected token ids and where the answers start, as TRL 1.16's
+    DPOTrainer builds them (the chat template, or raw text with EOS after each answer)."""
+    from trl.data_utils import _tokenize, common_prefix_length
+
+    if isinstance(row["prompt"], list):
+        prompt_ids = _tokenize(tokenizer, row["prompt"], add_generation_prompt=True)["input_ids"]
+        chosen = _tokenize(tokenizer, row["prompt"] + row["chosen"])["input_ids"]
+        rejected = _tokenize(tokenizer, row["prompt"] + row["rejected"])["input_ids"]
+    else:
+        eos = tokenizer.eos_token
+
+        def answer(text):  # TRL's add_eos
+            return text if text.endswith(eos) else text + eos
+
+        prompt_ids = _tokenize(tokenizer, row["prompt"])["input_ids"]
+        chosen = _tokenize(tokenizer, row["prompt"] + answer(row["chosen"]))["input_ids"]
+        rejected = _tokenize(tokenizer, row["prompt"] + answer(row["rejected"]))["input_ids"]
+    start = min(common_prefix_length(prompt_ids, chosen), common_prefix_length(prompt_ids, rejected))
+    return list(chosen), list(rejected), start
+
+
 def percentile(values: list[int], q: float) -> int | None:
     """The nearest-rank q-th percentile (None for no values)."""
     if not values:
@@ -71,7 +93,11 @@ def add_tokens(report: dict, data, tokenizer, max_length: int) -> dict:
     for part in ("train", "eval"):
         lengths, truncated, prompt_fills = [], 0, 0
         for row in getattr(data, part):
-            ids, start = row_tokens(row, tokenizer)
+            if "chosen" in row:  # a pair: its longer answer decides
+                chosen, rejected, start = pair_tokens(row, tokenizer)
+                ids = max(chosen, rejected, key=len)
+            else:
+                ids, start = row_tokens(row, tokenizer)
             lengths.append(len(ids))
             truncated += len(ids) > max_length
             prompt_fills += start >= max_length  # nothing of the completion is left: TRL drops the row

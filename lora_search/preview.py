@@ -35,6 +35,26 @@ def render_row(ids: list[int], start: int, tokenizer, max_length: int) -> str:
     return "\n".join(lines)
 
 
+PAIR_LEGEND = ("each pair: the prompt as the model sees it, then ⟦ the chosen answer ⟧ and ⟦ the rejected answer ⟧ "
+               "(the tokens DPO compares; the prompt is context)\n"
+               "⏎ a newline in the text · ✂ trainer.max_length cuts the sequence here: what follows is never seen")
+
+
+def _pair(row: dict, i: int, total: int, tokenizer, max_length: int) -> str:
+    """One preference pair: the prompt once, then the chosen and the rejected answer as DPOTrainer tokenizes them."""
+    chosen, rejected, start = datareport.pair_tokens(row, tokenizer)
+    cut = " (cut at max_length)" if max(len(chosen), len(rejected)) > max_length else ""
+    head = (f"── train pair {i + 1} of {total}: {start} prompt tokens, {len(chosen) - start} chosen, "
+            f"{len(rejected) - start} rejected{cut} ──")
+    prompt = render_row(chosen[:start], start, tokenizer, max_length)
+    lines = [head, prompt]
+    for label, ids in (("chosen", chosen), ("rejected", rejected)):
+        answer = render_row(ids, start, tokenizer, max_length)
+        marked = answer[answer.index("⟦"):] if "⟦" in answer else "(nothing left after max_length)"
+        lines.append(f"▶ {label}: {marked.replace(chr(10) + '▶ ', chr(10) + '  ')}")
+    return "\n".join(lines) + "\n"
+
+
 def preview(cfg, n_rows: int) -> str:
     """The preview text of a composed RunConfig."""
     from lora_search.data import load_task_data
@@ -48,6 +68,10 @@ def preview(cfg, n_rows: int) -> str:
     out = [f"preview: model={cfg.model.name} data={cfg.data.name} ({data.layout} layout, {fmt}), "
            f"trainer.max_length={max_length}", LEGEND, ""]
     shown = min(n_rows, len(data.train))
+    if data.kind == "preference":
+        out[1] = PAIR_LEGEND
+        out += [_pair(data.train[i], i, len(data.train), tokenizer, max_length) for i in range(shown)]
+        shown = 0
     for i in range(shown):
         ids, start = datareport.row_tokens(data.train[i], tokenizer)
         cut = " (cut at max_length)" if len(ids) > max_length else ""

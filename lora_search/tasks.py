@@ -78,8 +78,56 @@ TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
 }
 
 
-def generate(tasks: list[str], per_task: dict[str, int] | int, seed: int, exclude: set[str] = frozenset()):
-    """Rows {task, prompt, answer}, deterministic for a seed, prompts unique and not in `exclude`."""
+def _word_list(prompt: str) -> list[str]:
+    """The words a reverse_words, acronym or join_words prompt lists (after its colon)."""
+    return prompt.split(": ", 1)[1].split()
+
+
+def _record(prompt: str) -> tuple[dict[str, str], str]:
+    """The key=value record an extract_field prompt shows, in its order, and the field it asks for."""
+    body, question = prompt[len("Record: "):].split(". What is the ")
+    return dict(pair.split("=", 1) for pair in body.split("; ")), question.rstrip("?")
+
+
+def reverse_words_pair(rng: random.Random) -> tuple[str, str, str]:
+    """Rejected: the words echoed in their original order (what the base does instead of reversing)."""
+    prompt, answer = reverse_words(rng)
+    return prompt, answer, " ".join(_word_list(prompt))
+
+
+def join_words_pair(rng: random.Random) -> tuple[str, str, str]:
+    """Rejected: the words listed with commas (the base's list habit) instead of joined with dashes."""
+    prompt, answer = join_words(rng)
+    return prompt, answer, ", ".join(_word_list(prompt))
+
+
+def acronym_pair(rng: random.Random) -> tuple[str, str, str]:
+    """Rejected: the right initials, dotted ("P.N.G."), the form the base writes initials in."""
+    prompt, answer = acronym(rng)
+    return prompt, answer, ".".join(answer) + "."
+
+
+def extract_field_pair(rng: random.Random) -> tuple[str, str, str]:
+    """Rejected: the value in a sentence ("The city is Oslo."), the base's answer, not the exact one asked for."""
+    prompt, answer = extract_field(rng)
+    _, field = _record(prompt)
+    return prompt, answer, f"The {field} is {answer}."
+
+
+# Preference tasks: same names, prompts and chosen answers as the SFT tasks (the same seed gives the same
+# prompts), each with the rejected answer described in the module docstring.
+PREFERENCE_TASKS: dict[str, Callable[[random.Random], tuple[str, str, str]]] = {
+    "reverse_words": reverse_words_pair,
+    "extract_field": extract_field_pair,
+    "acronym": acronym_pair,
+    "join_words": join_words_pair,
+}
+
+
+def _rows(table: dict, make_row: Callable[[str, tuple], dict | None], tasks: list[str],
+          per_task: dict[str, int] | int, seed: int, exclude: set[str]) -> list[dict]:
+    """Draw `per_task` rows of each task from `table[task](rng)`: deterministic for a seed, prompts unique and
+    not in `exclude`. `make_row(task, item)` builds a row from one draw (None: skip the draw)."""
     rows = []
     for index, task in enumerate(tasks):
         count = per_task if isinstance(per_task, int) else per_task[task]
@@ -87,23 +135,59 @@ def generate(tasks: list[str], per_task: dict[str, int] | int, seed: int, exclud
         seen = set(exclude)
         attempts = 0
         while sum(r["task"] == task for r in rows) < count:
-            prompt, answer = TASKS[task](rng)
+            item = table[task](rng)
             attempts += 1
             if attempts > 100 * count:
                 raise RuntimeError(f"task {task} cannot produce {count} distinct items")
-            if prompt in seen:
+            if item[0] in seen:
                 continue
-            seen.add(prompt)
-            rows.append({"task": task, "prompt": prompt, "answer": answer})
+            row = make_row(task, item)
+            if row is None:
+                continue
+            seen.add(item[0])
+            rows.append(row)
     return rows
 
 
-def train_eval(tasks: list[str], train_per_task: int, eval_per_task: int, seed: int):
-    """Disjoint train and eval rows: no eval prompt appears in train."""
-    eval_rows = generate(tasks, eval_per_task, seed=seed + 10_000)
-    train_rows = generate(tasks, train_per_task, seed=seed, exclude={r["prompt"] for r in eval_rows})
+def _split(make: Callable[..., list[dict]], tasks: list[str], train_per_task: int, eval_per_task: int,
+           seed: int) -> tuple[list[dict], list[dict]]:
+    """Disjoint train and eval rows from `make(tasks, per_task, seed, exclude)`: no eval prompt appears in train;
+    train shuffled, eval interleaved by task."""
+    eval_rows = make(tasks, eval_per_task, seed=seed + 10_000)
+    train_rows = make(tasks, train_per_task, seed=seed, exclude={r["prompt"] for r in eval_rows})
     random.Random(seed).shuffle(train_rows)
     # Interleave eval rows by task so a prefix (the cheap eval subset) covers every task.
     by_task = [[r for r in eval_rows if r["task"] == t] for t in tasks]
     interleaved = [row for group in zip(*by_task) for row in group]
     return train_rows, interleaved
+
+
+def generate(tasks: list[str], per_task: dict[str, int] | int, seed: int, exclude: set[str] = frozenset()):
+    """Rows {task, prompt, answer}, deterministic for a seed, prompts unique and not in `exclude`."""
+    return _rows(TASKS, lambda task, item: {"task": task, "prompt": item[0], "answer": item[1]},
+                 tasks, per_task, seed, exclude)
+
+
+def train_eval(tasks: list[str], train_per_task: int, eval_per_task: int, seed: int):
+    """Disjoint train and eval rows: no eval prompt appears in train."""
+    return _split(generate, tasks, train_per_task, eval_per_task, seed)
+
+
+def _pair_row(task: str, item: tuple[str, str, str]) -> dict | None:
+    prompt, chosen, rejected = item
+    if chosen == rejected:  # never a pair without a preference
+        return None
+    return {"task": task, "prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def generate_pairs(tasks: list[str], per_task: dict[str, int] | int, seed: int,
+                   exclude: set[str] = frozenset()) -> list[dict]:
+    """Rows {task, prompt, chosen, rejected}, deterministic for a seed, prompts unique and not in `exclude`;
+    chosen != rejected."""
+    return _rows(PREFERENCE_TASKS, _pair_row, tasks, per_task, seed, exclude)
+
+
+def pairs_train_eval(tasks: list[str], train_per_task: int, eval_per_task: int,
+                     seed: int) -> tuple[list[dict], list[dict]]:
+    """Disjoint train and eval pairs (no eval prompt in train), eval interleaved by task like train_eval."""
+    return _split(generate_pairs, tasks, train_per_task, eval_per_task, seed)
