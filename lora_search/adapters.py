@@ -96,11 +96,58 @@ def count_parameters(lora: LoraSpec, model_cfg: ModelConfig, model: torch.nn.Mod
         peft_model.unload()
 
 
-def attach(model: torch.nn.Module, lora: LoraSpec, model_cfg: ModelConfig):
-    """Wrap the shared base model with a fresh adapter (PeftModel); `detach` undoes it."""
-    from peft import get_peft_model
+def attach(model: torch.nn.Module, lora: LoraSpec, model_cfg: ModelConfig, start=None):
+    """Wrap the shared base model with a fresh adapter (PeftModel), or with the saved adapter in folder `start`
+    (trainable, its own rank and targets, lora.dropout applied); `detach` undoes either."""
+    from peft import PeftConfig, PeftModel, get_peft_model
 
-    return get_peft_model(model, lora_config(lora, model_cfg))
+    if start is None:
+        return get_peft_model(model, lora_config(lora, model_cfg))
+    config = PeftConfig.from_pretrained(str(start))
+    if hasattr(config, "lora_dropout"):
+        config.lora_dropout = lora.dropout
+    return PeftModel.from_pretrained(model, str(start), config=config, is_trainable=True)
+
+
+# LoRA keys a starting adapter (trainer.init_adapter) fixes: its own rank, scaling and targets
+FIXED_BY_START = ("lora.r", "lora.alpha", "lora.alpha_ratio", "lora.targets", "lora.bias", "lora.modules_to_save",
+                  "lora.layers_to_transform", "lora.rank_pattern", "lora.alpha_pattern", "lora.use_rslora",
+                  "lora.use_dora", "lora.init_lora_weights")
+
+
+def check_start(folder, model: torch.nn.Module) -> list[str]:
+    """Problems loading the adapter in folder onto model (its module tree, meta device is enough): targets that
+    match no module, weights whose shapes do not fit (an adapter trained on another model)."""
+    import json
+
+    from safetensors import safe_open
+
+    where = f"trainer.init_adapter {str(folder)!r}"
+    config = json.loads((folder / "adapter_config.json").read_text())
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        return [f"{where} has no adapter_model.safetensors (only safetensors adapters are loaded)"]
+    named = dict(model.named_modules())
+    targets = config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    missing = [t for t in targets if not any(_matches(n, t) for n in named)] if not isinstance(
+        config.get("target_modules"), str) else []
+    if missing:
+        return [f"{where} targets {', '.join(missing)}, which match no module of {type(model).__name__}: it was "
+                f"trained on another model ({config.get('base_model_name_or_path')})"]
+    with safe_open(str(weights), "pt") as f:
+        for key in f.keys():
+            found = re.match(r"(?:base_model\.model\.)?(.*)\.lora_([AB])\.weight$", key)
+            module = named.get(found.group(1)) if found else None
+            if module is None or not hasattr(module, "in_features"):
+                continue
+            shape = f.get_slice(key).get_shape()
+            size = module.in_features if found.group(2) == "A" else module.out_features
+            if shape[1 if found.group(2) == "A" else 0] != size:
+                return [f"{where} does not fit this model: {key} has shape {tuple(shape)}, but {found.group(1)} is "
+                        f"{module.in_features} -> {module.out_features}; it was trained on another model "
+                        f"({config.get('base_model_name_or_path')})"]
+    return []
 
 
 def detach(peft_model) -> torch.nn.Module:

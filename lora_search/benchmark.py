@@ -134,11 +134,25 @@ def quantize_int8_dynamic(model):
         return _quantize_dynamic()(model.float(), {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
+def preference(model, tokenizer, cfg: RunConfig, data: TaskData) -> dict:
+    """Preference pairs: every eval pair's chosen and rejected log-probability (tokenized as DPOTrainer does), the
+    preference accuracy and the mean margin."""
+    from lora_search import dpo
+
+    pairs = dpo.tokenize_pairs(data.eval, tokenizer)
+    chosen, rejected = dpo.pair_logps(model, tokenizer, pairs, cfg.trainer.max_length,
+                                      max(1, cfg.trainer.eval_batch_size // 2))
+    return {**dpo.preference_scores(chosen, rejected), "chosen_logps": chosen, "rejected_logps": rejected}
+
+
 def measure(model, tokenizer, cfg: RunConfig, data: TaskData, prompts: Prompts, loss: bool = True,
             em: bool = True) -> dict:
-    """Eval loss and perplexity (when loss), exact match (when em), then generation latency, of one model."""
+    """Eval loss and perplexity (when loss; preference pairs: preference accuracy and margin), exact match (when em),
+    then generation latency, of one model."""
     out = {}
-    if loss:
+    if loss and data.kind == "preference":
+        out.update(preference(model, tokenizer, cfg, data))
+    elif loss:
         out.update(eval_loss(model, tokenizer, cfg, data))
     if em:
         out.update(exact_match(model, tokenizer, cfg, data))
@@ -206,12 +220,29 @@ def benchmark_stage(cfg: RunConfig, study_dir: Path, data: TaskData) -> dict:
         else:
             with entry("int8_dynamic") as report["int8_dynamic"]:
                 model = quantize_int8_dynamic(loaded.model)  # the merged model, already loaded: in place
-                # No eval loss: TRL's fused LM-head loss reads lm_head.weight, which a quantized Linear lacks.
-                report["int8_dynamic"].update(measure(model, tok, cfg, data, prompts, loss=False),
+                # No eval loss: TRL's fused LM-head loss reads lm_head.weight, which a quantized Linear lacks (pair
+                # log-probs come from plain logits: scored).
+                report["int8_dynamic"].update(measure(model, tok, cfg, data, prompts,
+                                                      loss=data.kind == "preference"),
                                               size_mb=state_dict_mb(model), size_of="serialized state_dict")
             del model
     del loaded
     free_memory()
+
+    if data.kind == "preference":  # the tuned model's rewards against the base, as DPO defines them
+        from lora_search import dpo
+
+        base, tuned = report["base"], report["tuned"]
+        report["tuned"].update(dpo.reward_against(tuned["chosen_logps"], tuned["rejected_logps"], base["chosen_logps"],
+                                                  base["rejected_logps"], cfg.trainer.beta))
+        report["pair_samples"] = [
+            {"prompt": row["prompt"], "chosen": row["chosen"], "rejected": row["rejected"],
+             "base_margin": base["chosen_logps"][i] - base["rejected_logps"][i],
+             "tuned_margin": tuned["chosen_logps"][i] - tuned["rejected_logps"][i]}
+            for i, row in enumerate(data.eval.select(range(min(4, len(data.eval)))))]
+    for numbers in [e for e in report.values() if isinstance(e, dict)]:
+        for key in ("chosen_logps", "rejected_logps"):
+            numbers.pop(key, None)
 
     report["settings"] = {
         **dataclasses.asdict(cfg.benchmark),
@@ -219,6 +250,8 @@ def benchmark_stage(cfg: RunConfig, study_dir: Path, data: TaskData) -> dict:
         "exact_match_items": cfg.trainer.exact_match_items if cfg.data.exact_match else 0,
         "exact_match_max_new_tokens": cfg.trainer.max_new_tokens,
         "eval_rows": len(data.eval),
+        "method": cfg.trainer.method,
+        "beta": cfg.trainer.beta if cfg.trainer.method == "dpo" else None,
         "max_length": cfg.trainer.max_length,
         "precision": hardware.precision(cfg.trainer.precision),
         "dtype": str(hardware.model_dtype(cfg.model.dtype)).replace("torch.", ""),

@@ -101,6 +101,28 @@ def check_key(key: str) -> str | None:
     return None
 
 
+def sweep_groups(args: list[str]) -> dict[str, str]:
+    """The groups the chosen sweep file picks (its `groups:` mapping) that the command line does not choose."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    chosen, sweep = set(), None
+    for arg in args:
+        try:
+            ov = None if arg.startswith("-") else OverridesParser.create().parse_override(arg)
+        except Exception:  # a flag's value; parse errors are check_overrides' to report
+            continue
+        if ov is not None and "." not in ov.key_or_group:
+            chosen.add(ov.key_or_group)
+            if ov.key_or_group == "sweep" and isinstance(ov.value(), str):
+                sweep = ov.value()
+    if sweep is None:
+        defaults = OmegaConf.load(conf_dir() / "config.yaml").get("defaults", [])
+        sweep = next((d["sweep"] for d in defaults if isinstance(d, dict) and "sweep" in d), None)
+    path = sweeps_dir() / f"{sweep}.yaml"
+    groups = OmegaConf.load(path).get("groups") if sweep and path.is_file() else None
+    return {g: str(c) for g, c in (groups or {}).items() if g not in chosen}
+
+
 def check_overrides(args: list[str]) -> None:
     """Check command-line overrides against the groups and the schema; raise ConfigError."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -128,6 +150,14 @@ def check_overrides(args: list[str]) -> None:
         problem = check_key(key)
         if problem:
             problems.append(problem)
+    if not problems:
+        for group, choice in sweep_groups(args).items():
+            if group not in schema.GROUPS or group == "sweep":
+                problems.append(f"sweep.groups: {group!r} is not a config group a sweep can pick; accepted: "
+                                f"{', '.join(g for g in schema.GROUPS if g != 'sweep')}")
+            elif choice not in group_choices(group):
+                problems.append(f"sweep.groups: {group}={choice} is not a known {group} config; available: "
+                                f"{', '.join(group_choices(group))}")
     if problems:
         raise ConfigError(problems)
 
@@ -171,7 +201,7 @@ def hydra_overrides(args: list[str]) -> list[str]:
         key = ov.key_or_group if ov is not None else ""
         mapping = plain and isinstance(ov.value(), dict) and _in_free_form(key)
         out.append(f"++{arg}" if mapping or (plain and _in_free_form(key) and not _is_field(key)) else arg)
-    return out
+    return out + [f"{g}={c}" for g, c in sweep_groups(args).items()]
 
 
 def _walk(key: str) -> tuple[bool, bool]:

@@ -103,7 +103,11 @@ def timed_evaluate(trainer) -> dict:
 def final_eval(trainer, cfg: RunConfig, full_eval, evals: dict) -> dict:
     """The run's final eval: every row, or the subset (reusing a periodic eval on the last step)."""
     if cfg.trainer.final_eval == "full":
-        return trainer.evaluate(eval_dataset=full_eval)
+        subset, trainer.eval_dataset = trainer.eval_dataset, full_eval  # as the trainer's own set: DPOTrainer
+        try:  # re-tokenizes a set passed to evaluate()
+            return trainer.evaluate()
+        finally:
+            trainer.eval_dataset = subset
     last = evals["last"]
     if last and last[0] == trainer.state.global_step and last[1]:
         return last[2]

@@ -29,7 +29,7 @@ CHECK_PROMPTS = 4  # eval prompts whose logits must agree before and after the m
 # Largest |merged - unmerged| logit, relative to the logits' scale (max |logit|, at least 1).
 TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.bfloat16: 5e-2, torch.float16: 2e-2}
 CARD_METRICS = ("eval_loss", "base_eval_loss", "perplexity", "base_perplexity", "exact_match", "base_exact_match",
-                "steps", "train_tokens", "train_tokens_per_s", "trainable_params", "total_params", "wall_s")
+                "preference_accuracy", "base_preference_accuracy", "reward_accuracy", "reward_margin", "steps", "train_tokens", "train_tokens_per_s", "trainable_params", "total_params", "wall_s")
 
 
 def weights_mb(path: str | Path) -> float | None:
@@ -117,7 +117,10 @@ def model_card(cfg: RunConfig, adapter_cfg: dict, data: TaskData, metrics: dict 
         lines.append(f"- tasks: {', '.join(cfg.data.tasks)}")
     t = cfg.trainer
     lines += ["", "## Training", "", f"- {t.method}: learning rate {t.learning_rate}, {t.max_steps} steps, batch "
-              f"{t.batch_size} x {t.gradient_accumulation_steps}, max length {t.max_length}, seed {t.seed}"]
+              f"{t.batch_size} x {t.gradient_accumulation_steps}, max length {t.max_length}, seed {t.seed}"
+              + (f"; TRL's DPOTrainer, loss {t.loss_type}, beta {t.beta}, reference: "
+                 + (f"the starting adapter `{t.init_adapter}`" if t.init_adapter else "the base model (adapter disabled)")
+                 if t.method == "dpo" else "")]
     if metrics:
         lines += ["", "## Metrics (full run)", "", "| metric | value |", "| --- | --- |"]
         lines += [f"| {k} | {metrics[k]:.4g} |" if isinstance(metrics[k], float) else f"| {k} | {metrics[k]} |"

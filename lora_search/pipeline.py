@@ -17,7 +17,8 @@ from lora_search.promote import config_id, load_best, promote_stage
 from lora_search.schema import RunConfig
 from lora_search.study import check_sweep, open_study, search_stage, study_dir
 from lora_search.train import Worker
-from lora_search.validate import validate
+from lora_search.errors import ConfigError
+from lora_search.validate import init_adapter_dir, validate
 
 log = logging.getLogger(__name__)
 ORDER = ("search", "promote", "merge", "benchmark", "report")
@@ -98,6 +99,11 @@ def preflight_sweep(cfg: RunConfig) -> None:
         if key not in metas:
             metas[key] = models.meta_model(models.architecture(corner_cfg.model, cfg.cache_dir))
         adapters.check_targets(corner_cfg.lora, corner_cfg.model, metas[key])
+        if corner_cfg.trainer.init_adapter:
+            start = init_adapter_dir(corner_cfg.trainer.init_adapter, corner_cfg.results_dir)[0]
+            problems = adapters.check_start(start, metas[key])
+            if problems:
+                raise ConfigError(problems)
 
 
 def _stage_done(out, stage: str, cid: str) -> bool:
@@ -166,7 +172,7 @@ def summarize(study, cfg: RunConfig, out) -> None:
     print("\n" + report.table(header, rows) + "\n")
     bench = records.read_json(out / "benchmark.json")
     if bench and "base" in bench and "tuned" in bench:
-        for key in ("eval_loss", "exact_match"):
+        for key in ("eval_loss", "exact_match", "preference_accuracy"):
             base, tuned = bench["base"].get(key), bench["tuned"].get(key)
             if base is not None and tuned is not None:
                 print(f"{key}: base {base:.4f} -> tuned {tuned:.4f}")

@@ -92,7 +92,9 @@ def check(cfg: RunConfig) -> None:
     if cfg.stage in FROM_STUDY:
         check_study_exists(cfg)
     if cfg.stage in ("all", "search"):
-        task_data(cfg.data)
+        from lora_search import trial as space_lib
+
+        check_kind(space_lib.trial_base(cfg), task_data(cfg.data))
 
 
 def _check_storage(cfg: RunConfig) -> None:
@@ -122,6 +124,19 @@ def check_study_exists(cfg: RunConfig) -> None:
         raise ConfigError(f"no study {cfg.sweep.name!r} in storage {secrets.mask_url(url)!r} ({found}); stage="
                           f"{cfg.stage} reads a finished search: run stage=search (or stage=all) first, or name the "
                           f"study with sweep=<sweep> or sweep.name=<name> and its storage with sweep.storage=<URL>")
+
+
+def check_kind(cfg: RunConfig, data) -> None:
+    """ConfigError when the trainer and the data do not go together: dpo needs preference pairs, sft needs
+    prompt/completion rows."""
+    name = f"data={cfg.data.name}" + (f" (data.path {cfg.data.path!r})" if cfg.data.path else "")
+    if cfg.trainer.method == "dpo" and data.kind != "preference":
+        raise ConfigError(f"trainer=dpo trains on preference pairs, but {name} holds prompt/completion rows "
+                          f"({data.layout} layout); give it pairs: data=embedded_preference, or a file with chosen "
+                          "and rejected columns (prompt optional): data=local data.path=<file>")
+    if cfg.trainer.method == "sft" and data.kind == "preference":
+        raise ConfigError(f"trainer=sft trains on prompt/completion rows, but {name} holds preference pairs "
+                          f"({data.layout} layout: chosen/rejected); train on them with trainer=dpo")
 
 
 def task_data(data_cfg):

@@ -40,18 +40,23 @@ def decision_steps(pruner, max_steps: int) -> list[int] | None:
     return steps + [max_steps]
 
 
+HIGHER_IS_BETTER = ("eval_rewards/accuracies", "eval_rewards/margins")
+
+
 class PruningCallback(TrainerCallback):
     """Report `eval_loss` on the fixed eval subset at every eval; raise TrialStopped when pruned or diverged.
 
     The value reported is the loss for a minimized objective and its negative for a maximized one
-    (exact match, say), so the pruner compares trials in the study's direction.
+    (exact match, say), so the pruner compares trials in the study's direction; a metric where higher is better
+    (a DPO eval's reward accuracy or margin) is reported as it is for a maximized objective.
     """
 
     def __init__(self, trial: optuna.trial.BaseTrial, metric: str = "eval_loss", maximize: bool = False,
                  pruner=None):
         self.trial = trial
         self.metric = metric
-        self.sign = -1.0 if maximize else 1.0
+        higher_is_better = metric in HIGHER_IS_BETTER
+        self.sign = 1.0 if maximize == higher_is_better else -1.0
         self.intermediate: list[tuple[int, float]] = []
         self.active = True  # off once training ends: the final full-set eval is not a pruning point
         self.pruner = pruner  # the sweep's pruner spec: with rungs, periodic evals run at those steps only

@@ -36,20 +36,27 @@ def trial_rows(study: optuna.Study, metric: str) -> tuple[list[str], list[list]]
     """One row per trial: number, state, params, metric, exact match, steps, seconds, reason."""
     trials = study.get_trials(deepcopy=False)
     keys = sorted({k for t in trials for k in t.params})
-    header = ["#", "state", *[k.split(".")[-1] for k in keys], metric, "exact match", "steps", "s", "reason"]
+    # a DPO study: its trials' preference measures; otherwise exact match
+    extra = [k for k in ("reward_accuracy", "preference_accuracy") if k != metric and any(k in t.user_attrs for t in trials)] \
+        or ["exact_match"]
+    header = ["#", "state", *[k.split(".")[-1] for k in keys], metric, *[k.replace("_", " ") for k in extra], "steps",
+              "s", "reason"]
     rows = []
     for t in trials:
         attrs = t.user_attrs
         steps = attrs.get("steps") or (t.last_step if t.state == optuna.trial.TrialState.PRUNED else None)
         seconds = t.duration.total_seconds() if t.duration else attrs.get("wall_s")
         rows.append([t.number, t.state.name.lower(), *[t.params.get(k) for k in keys], t.value,
-                     attrs.get("exact_match"), steps, seconds, attrs.get("reason", "")])
+                     *[attrs.get(k) for k in extra], steps, seconds, attrs.get("reason", "")])
     return header, rows
 
 
 def _benchmark_section(bench: dict) -> list[str]:
     names = [n for n in ("base", "tuned", "adapter", "int8_dynamic") if n in bench]
     fields = [("eval_loss", "eval loss"), ("perplexity", "perplexity"), ("exact_match", "exact match"),
+              ("preference_accuracy", "preference accuracy (held-out pairs)"),
+              ("logp_margin", "mean log-prob margin (chosen - rejected)"),
+              ("reward_accuracy", "reward accuracy (vs base)"), ("reward_margin", "reward margin (vs base)"),
               ("latency_p50_s", "latency p50 (s)"), ("latency_p95_s", "latency p95 (s)"),
               ("tokens_per_s", "tokens/s"), ("peak_memory_mb", "peak memory (MB)"), ("size_mb", "size (MB)")]
     rows = [[label, *[bench[n].get(key) for n in names]] for key, label in fields

@@ -19,13 +19,20 @@ log = logging.getLogger(__name__)
 
 def preflight(cfg: RunConfig):
     """Validate the config, load the data and check targets on the meta device: all before any weight loads."""
-    from lora_search.preflight import task_data
+    from lora_search.errors import ConfigError
+    from lora_search.preflight import check_kind, task_data
+    from lora_search.validate import init_adapter_dir
 
     validate(cfg)
     data = task_data(cfg.data)  # loaded once: the pre-Hydra checks and the run share it
+    check_kind(cfg, data)
     arch = models.architecture(cfg.model, cfg.cache_dir)
     meta = models.meta_model(arch)
     adapters.check_targets(cfg.lora, cfg.model, meta)
+    if cfg.trainer.init_adapter:
+        problems = adapters.check_start(init_adapter_dir(cfg.trainer.init_adapter, cfg.results_dir)[0], meta)
+        if problems:
+            raise ConfigError(problems)
     log.info("data: %d train rows, %d eval rows (%s layout)", len(data.train), len(data.eval), data.layout)
     for line in datareport.render(data.report).splitlines()[:2]:
         log.info("data: %s", line)

@@ -60,7 +60,14 @@ class QuantConfig:
 @dataclass
 class TrainerConfig:
     name: str = "sft"
-    method: str = "sft"  # sft (TRL SFTTrainer)
+    method: str = "sft"  # sft (TRL's SFTTrainer, prompt/completion data) | dpo (TRL's DPOTrainer, preference pairs)
+    # dpo: how far the tuned model may move from the reference (higher: closer); ipo reads it as its tau
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # dpo: any TRL DPO loss (sigmoid, ipo, hinge, robust, ...); validate.DPO_LOSSES
+    label_smoothing: float = 0.0  # dpo: robust / exo_pair label noise, in [0, 0.5)
+    # dpo: start from this adapter instead of a fresh one (a folder holding adapter_config.json, or the name of a
+    # study whose promoted adapter results/<study>/full/adapter to continue: SFT, then DPO); it is also the reference
+    init_adapter: Optional[str] = None
     learning_rate: float = 2e-4
     lr_scheduler: str = "cosine"  # any transformers SchedulerType
     warmup_steps: float = 0.0  # >= 1: steps; in [0, 1): ratio of total steps
@@ -105,15 +112,17 @@ class DataConfig:
     eval_split: Optional[str] = None  # an existing split to evaluate on; else eval_fraction is held out
     eval_path: Optional[str] = None  # an eval file (json, jsonl, csv, parquet; any layout), instead of the above
     eval_fraction: float = 0.1
-    layout: str = "auto"  # auto | messages | prompt_completion | alpaca | dolly | columns
-    columns: Dict[str, str] = field(default_factory=dict)  # layout=columns: prompt/completion/system -> column
+    # preference: prompt/chosen/rejected (strings or message lists), or chosen/rejected dialogues sharing a prefix
+    layout: str = "auto"  # auto | messages | prompt_completion | alpaca | dolly | preference | columns
+    # layout=columns: prompt/completion/system -> column, or (preference pairs) prompt/chosen/rejected/system -> column
+    columns: Dict[str, str] = field(default_factory=dict)
     system_prompt: Optional[str] = None  # prepended as a system message when the row has none
     format: str = "chat"  # chat: the tokenizer's chat template | raw: prompt + completion as plain text
     max_train_rows: Optional[int] = None
     max_eval_rows: Optional[int] = None
     seed: int = 0
     exact_match: bool = False  # answers are exact strings: score greedy generations against them
-    # source=embedded: the generated tasks
+    # source=embedded: the generated tasks (layout=preference: the preference tasks, as chosen/rejected pairs)
     tasks: List[str] = field(default_factory=list)
     train_per_task: int = 200
     eval_per_task: int = 25
@@ -149,7 +158,11 @@ class NightlyConfig:
 
 # The direction each sweep metric is optimized in (sweep.direction=auto follows it).
 METRIC_DIRECTIONS = {"eval_loss": "minimize", "perplexity": "minimize", "exact_match": "maximize",
-                     "train_tokens_per_s": "maximize"}
+                     "train_tokens_per_s": "maximize",
+                     # trainer=dpo: the eval pairs' reward accuracy and margin (TRL's, against the reference), and
+                     # the preference accuracy (chosen log-probability above rejected, the tuned model alone)
+                     "reward_accuracy": "maximize", "reward_margin": "maximize", "preference_accuracy": "maximize"}
+PREFERENCE_METRICS = ("reward_accuracy", "reward_margin", "preference_accuracy")
 
 
 @dataclass
@@ -167,6 +180,9 @@ class SweepConfig:
     # metric=exact_match: eval items each trial answers by greedy generation (its cost is the trial's exact_match_s);
     # other metrics generate nothing in trials. sweep.trial's trainer.exact_match_items, when given, wins.
     exact_match_items: int = 16
+    # Config groups this sweep picks unless the command line picks them (sweeps/dpo_beta.yaml: trainer: dpo,
+    # data: embedded_preference), so `sweep=<name>` alone composes the run the sweep was written for.
+    groups: Dict[str, str] = field(default_factory=dict)
     space: Dict[str, Any] = field(default_factory=dict)  # dotted config key -> {type, low, high, log, step, choices}
     enqueue: List[Dict[str, Any]] = field(default_factory=list)  # trials to run first: {dotted key: value}
     trial: Dict[str, Any] = field(default_factory=dict)  # dotted overrides for the short trials

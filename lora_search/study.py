@@ -16,7 +16,7 @@ from lora_search import guard, launch, records, storage, tracking, trial as spac
 from lora_search.launch import worker_id
 from lora_search.errors import ConfigError
 from lora_search.pruning import PruningCallback, TrialStopped
-from lora_search.schema import METRIC_DIRECTIONS, RunConfig
+from lora_search.schema import METRIC_DIRECTIONS, PREFERENCE_METRICS, RunConfig
 from lora_search.train import prepare_data, train_adapter, trained_on
 from lora_search.validate import validate
 
@@ -86,6 +86,7 @@ def check_sweep(cfg: RunConfig) -> None:
                         f"leave sweep.direction out (auto) or set it to {own}")
     if s.metric not in METRICS:
         problems.append(f"sweep.metric must be one of {', '.join(METRICS)}; got {s.metric!r}")
+    problems += _method_problems(cfg)
     if s.metric == "exact_match" and not cfg.data.exact_match:
         problems.append(f"sweep.metric=exact_match needs data with exact answers (data.exact_match), data={cfg.data.name}")
     items = s.trial.get("trainer.exact_match_items", s.exact_match_items)
@@ -122,6 +123,36 @@ def check_sweep(cfg: RunConfig) -> None:
                             for p in e.problems)
     if problems:
         raise ConfigError(sorted(set(problems)))
+
+
+def _method_problems(cfg: RunConfig) -> list[str]:
+    """The objective and the space against the trainer: preference metrics need dpo, perplexity needs sft, and a
+    starting adapter fixes the LoRA structure."""
+    from lora_search.adapters import FIXED_BY_START
+
+    s = cfg.sweep
+    try:
+        t = space_lib.trial_base(cfg).trainer
+    except ConfigError:  # a bad key in sweep.trial: check_sweep reports it
+        return []
+    problems = []
+    if s.metric in PREFERENCE_METRICS and t.method != "dpo":
+        problems.append(f"sweep.metric={s.metric} is measured on preference pairs by trainer=dpo; this sweep trains "
+                        f"with trainer={t.method} (use eval_loss, perplexity or exact_match)")
+    scaling = [k for k in s.space if k in ("trainer.beta", "trainer.loss_type", "trainer.label_smoothing")]
+    if s.metric == "eval_loss" and t.method == "dpo" and scaling:
+        problems.append(f"sweep.metric=eval_loss compares DPO losses, which {', '.join(scaling)} rescale(s): trials "
+                        "are not comparable on it; use sweep.metric=preference_accuracy or reward_accuracy")
+    if s.metric == "perplexity" and t.method == "dpo":
+        problems.append("sweep.metric=perplexity is not measured by trainer=dpo; use eval_loss (the DPO loss), "
+                        f"{', '.join(PREFERENCE_METRICS)}")
+    if t.init_adapter:
+        fixed = [k for k in s.space if k in FIXED_BY_START]
+        if fixed:
+            problems.append(f"sweep.space: {', '.join(fixed)} cannot be swept with trainer.init_adapter="
+                            f"{t.init_adapter}: the starting adapter fixes its rank, scaling and targets; sweep "
+                            "lora.dropout, trainer.* keys (beta, learning_rate, ...) or leave init_adapter out")
+    return problems
 
 
 def open_study(cfg: RunConfig) -> optuna.Study:
@@ -163,13 +194,22 @@ def _record(out: Path, number: int, params: dict, cfg: RunConfig, metrics: dict,
 def _set_attrs(trial: optuna.Trial, metrics: dict, status: str, reason: str | None) -> None:
     keep = ("eval_loss", "perplexity", "exact_match", "train_tokens_per_s", "peak_memory_mb", "trainable_params",
             "wall_s", "steps", "exact_match_s", "base_model", "base_quant", "base_dtype", "train_rows", "eval_data_rows",
-            "eval_rows")
+            "eval_rows", "method", "reward_accuracy", "reward_margin", "preference_accuracy", "logp_margin")
     for key in keep:
         if key in metrics:
             trial.set_user_attr(key, metrics[key])
     trial.set_user_attr("status", status)
     # always: a retried trial starts with its original's user attrs; masked: an error's text may hold a secret
     trial.set_user_attr("reason", records.redact(reason) if reason else reason)
+
+
+def pruning_metric(cfg: RunConfig, metric: str) -> str:
+    """The periodic eval's value the pruner compares: the eval loss; for a DPO study aiming at preference or reward
+    accuracy, the eval reward accuracy (a DPO loss depends on beta and the loss type, so trials with other values
+    are not comparable on it), at reward margin, the margin."""
+    if cfg.trainer.method == "dpo" and metric in ("reward_accuracy", "preference_accuracy", "reward_margin"):
+        return "eval_rewards/margins" if metric == "reward_margin" else "eval_rewards/accuracies"
+    return "eval_loss"
 
 
 def objective_fn(cfg: RunConfig, get_worker):
@@ -189,7 +229,8 @@ def objective_fn(cfg: RunConfig, get_worker):
         trial.set_user_attr("worker", worker_id())
         if cfg.sweep.nightly.night:
             trial.set_user_attr("night", cfg.sweep.nightly.night)
-        callback = PruningCallback(trial, "eval_loss", maximize=maximize, pruner=cfg.sweep.pruner)
+        callback = PruningCallback(trial, pruning_metric(trial_cfg, cfg.sweep.metric), maximize=maximize,
+                                   pruner=cfg.sweep.pruner)
         watch = guard.StepWatch()  # where a failure happened
         run = tracking.start(trial_cfg, study_dir(cfg), f"trial-{trial.number:04d}", "trial",
                              {"params": params, "trial": trial.number, "worker": worker_id()})

@@ -1,5 +1,5 @@
-"""One LoRA training run on an already loaded base: attach a fresh adapter, train it with TRL's
-SFTTrainer (loss on completion tokens only), evaluate, save, and remove it again.
+"""One LoRA training run on an already loaded base: attach a fresh adapter (or `trainer.init_adapter`), train it with
+TRL's SFTTrainer (trainer=sft, sft.py) or DPOTrainer (trainer=dpo, dpo.py), evaluate, save, and remove it again.
 
 The base model and the tokenized data belong to the Worker and are reused by every run, so a
 sweep pays for loading and tokenizing once.
@@ -16,11 +16,13 @@ from pathlib import Path
 
 import torch
 
-from lora_search import adapters, evaluate, hardware
+from lora_search import adapters, dpo, evaluate, hardware
 from lora_search.evaluate import StepTimer, final_eval, timed_evaluate
 from lora_search.data import TaskData
 from lora_search.models import Base
 from lora_search.schema import RunConfig
+from lora_search.sft import PACKED_ATTENTION, data_key, make_trainer, padding_free, sft_config, truncated  # noqa: F401
+from lora_search.validate import init_adapter_dir
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +34,7 @@ class Worker:
     base: Base
     data: TaskData
     tokenized: dict = field(default_factory=dict)  # data_key(...) -> (train, eval), tokenized by TRL
-    baseline: dict | None = None  # base model's eval loss and exact match, computed once
+    baseline: dict | None = None  # base model's eval loss and exact match (dpo: preference accuracy), computed once
 
 
 def trained_on(worker: Worker) -> dict:
@@ -46,120 +48,6 @@ def trained_on(worker: Worker) -> dict:
             "train_rows": len(worker.data.train), "eval_data_rows": len(worker.data.eval)}
 
 
-# Attention implementations that keep padding-free rows apart by their position_ids: transformers builds a
-# block-diagonal mask over the whole flattened batch for sdpa/eager/flex (correct, but attention then costs
-# (sum of lengths)^2, which ate the padding saved: x0.98-1.06 on SmolLM2/CPU, within run-to-run noise, in
-# benchmarks/throughput.py), and passes
-# sequence boundaries to the flash kernels (varlen: no mask, no padding; the win).
-PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")
-
-
-def padding_free(cfg: RunConfig, model) -> bool:
-    """Whether this run batches its rows padding-free (`trainer.padding_free`; auto: on with a flash-attention
-    kernel, off otherwise; true forces it wherever the attention keeps rows apart)."""
-    setting = cfg.trainer.padding_free
-    if setting in (True, False):
-        return setting
-    if cfg.trainer.packing:  # TRL's BFD packing is padding-free already
-        return False
-    config = getattr(model, "config", None)
-    attn = str(getattr(config, "_attn_implementation", None) or "")
-    if "flash" not in attn:
-        return False
-    # Linear-attention and convolution layers (Gated DeltaNet, Mamba, ...) ignore position_ids boundaries.
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    kinds = set(getattr(text, "layer_types", None) or ())
-    return kinds <= {"full_attention", "sliding_attention", "chunked_attention"}
-
-
-def sft_config(cfg: RunConfig, out_dir: Path, report_to: list[str], padding_free: bool = False):
-    """TRL's SFTConfig for a run config (padding_free: rows concatenated per batch, truncated by us)."""
-    from trl import SFTConfig
-
-    t = cfg.trainer
-    mode = hardware.precision(t.precision)
-    return SFTConfig(
-        output_dir=str(out_dir / "checkpoints"),
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_steps,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=t.optim,
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        max_steps=t.max_steps,
-        num_train_epochs=t.num_epochs,
-        # TRL refuses max_length with padding-free batches unless packing: the rows are truncated by _trainer
-        max_length=None if padding_free and not t.packing else t.max_length,
-        packing=t.packing,
-        padding_free=padding_free,
-        activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
-        bf16=mode == "bf16",
-        fp16=mode == "fp16",
-        use_cpu=not torch.cuda.is_available(),
-        seed=t.seed,
-        data_seed=t.seed,
-        logging_steps=t.logging_steps,
-        logging_nan_inf_filter=False,  # a diverging run must show its NaN loss
-        eval_strategy="steps" if t.eval_every else "no",
-        eval_steps=t.eval_every or None,
-        save_strategy="no",
-        report_to=report_to,
-        run_name=out_dir.name,
-        completion_only_loss=True,
-        include_num_input_tokens_seen="non_padding",
-        dataloader_pin_memory=torch.cuda.is_available(),
-        disable_tqdm=False,
-    )
-
-
-def truncated(dataset, max_length: int):
-    """Tokenized rows cut to max_length tokens (every per-token column), keeping the start as TRL does."""
-    if dataset is None or "input_ids" not in dataset.column_names:
-        return dataset
-    if max(len(ids) for ids in dataset["input_ids"]) <= max_length:
-        return dataset
-
-    def cut(row):
-        n = len(row["input_ids"])
-        return {k: v[:max_length] for k, v in row.items() if isinstance(v, list) and len(v) == n}
-
-    return dataset.map(cut, desc=f"Truncating to {max_length} tokens")
-
-
-def data_key(cfg: RunConfig, padding_free: bool) -> tuple:
-    """What the tokenized data depends on: runs that agree on it share one tokenized copy."""
-    return cfg.trainer.max_length, cfg.trainer.packing, padding_free, repr(cfg.data)
-
-
-def _trainer(worker: Worker, peft_model, args, cfg: RunConfig, callbacks):
-    from trl import SFTTrainer
-
-    key = data_key(cfg, args.padding_free)
-    cached = worker.tokenized.get(key)
-    if cached:  # already tokenized, labelled, truncated (and packed): TRL would map over every row again
-        args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
-    trainer = SFTTrainer(
-        model=peft_model,
-        args=args,
-        train_dataset=cached[0] if cached else worker.data.train,
-        eval_dataset=cached[1] if cached else worker.data.eval,
-        processing_class=worker.base.tokenizer,
-        callbacks=list(callbacks),
-    )
-    if not cached:
-        if args.padding_free and args.max_length is None:
-            trainer.train_dataset = truncated(trainer.train_dataset, cfg.trainer.max_length)
-            trainer.eval_dataset = truncated(trainer.eval_dataset, cfg.trainer.max_length)
-        worker.tokenized[key] = (trainer.train_dataset, trainer.eval_dataset)
-    full_eval = worker.tokenized[key][1]
-    trainer.eval_dataset = full_eval.select(range(min(cfg.trainer.eval_subset, len(full_eval))))
-    return trainer, full_eval
-
-
 def _release(worker: Worker, trainer, peft_model) -> None:
     """Free the trainer's accelerator state and take the adapter off the worker's base (the caller then drops
     its references and collects)."""
@@ -169,22 +57,41 @@ def _release(worker: Worker, trainer, peft_model) -> None:
     worker.base.model.eval()
 
 
+def _tokenized_key(cfg: RunConfig, model) -> tuple:
+    return dpo.data_key(cfg) if cfg.trainer.method == "dpo" else data_key(cfg, padding_free(cfg, model))
+
+
+def _attach(worker: Worker, cfg: RunConfig):
+    """The run's adapter on the worker's base: fresh from cfg.lora, or trainer.init_adapter's (trainable, with
+    cfg.lora.dropout)."""
+    start = init_adapter_dir(cfg.trainer.init_adapter, cfg.results_dir)[0] if cfg.trainer.init_adapter else None
+    return adapters.attach(worker.base.model, cfg.lora, cfg.model, start)
+
+
+def _trainer(worker: Worker, peft_model, cfg: RunConfig, out_dir: Path, report_to, callbacks):
+    """The method's TRL trainer and the full tokenized eval set."""
+    if cfg.trainer.method == "dpo":
+        args = dpo.dpo_config(cfg, out_dir, list(report_to))
+        return dpo.make_trainer(worker, peft_model, args, cfg, callbacks, fresh=not cfg.trainer.init_adapter)
+    args = sft_config(cfg, out_dir, list(report_to), padding_free(cfg, worker.base.model))
+    return make_trainer(worker, peft_model, args, cfg, callbacks)
+
+
 def prepare_data(worker: Worker, cfg: RunConfig) -> float:
-    """Tokenize the worker's data the way cfg's runs will, through TRL's SFTTrainer, before the first run.
+    """Tokenize the worker's data the way cfg's runs will, through TRL's trainer, before the first run.
 
     A sweep calls it once per worker with the trial config before sampling: the first trial then starts
     training as soon as later ones do, and bad data fails here, not in a trial. Returns the seconds spent
     (0 when that key is tokenized already)."""
-    if data_key(cfg, padding_free(cfg, worker.base.model)) in worker.tokenized:
+    if _tokenized_key(cfg, worker.base.model) in worker.tokenized:
         return 0.0
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lora-search-tokenize-") as tmp, \
             adapters.trainer_patches_undone(worker.base.model):
-        peft_model = adapters.attach(worker.base.model, cfg.lora, cfg.model)  # SFTTrainer wants a trainable model
+        peft_model = _attach(worker, cfg)  # TRL's trainers want a trainable model
         trainer = None
         try:
-            args = sft_config(cfg, Path(tmp), [], padding_free(cfg, worker.base.model))
-            trainer, full_eval = _trainer(worker, peft_model, args, cfg, [])
+            trainer, full_eval = _trainer(worker, peft_model, cfg, Path(tmp), [], [])
             train_rows, eval_rows = len(trainer.train_dataset), len(full_eval)
         finally:
             _release(worker, trainer, peft_model)
@@ -203,8 +110,24 @@ def _exact_match(model, worker: Worker, cfg: RunConfig) -> dict:
                           cfg.trainer.max_new_tokens, cfg.trainer.eval_batch_size)
 
 
+def _preference(model, worker: Worker, cfg: RunConfig, pairs) -> dict:
+    """Preference accuracy and log-prob margin of model on tokenized pairs, timed."""
+    t0 = time.perf_counter()
+    scores = dpo.preference_scores(*dpo.pair_logps(model, worker.base.tokenizer, pairs, cfg.trainer.max_length,
+                                                   max(1, cfg.trainer.eval_batch_size // 2)))
+    return {**scores, "preference_s": time.perf_counter() - t0}
+
+
 def baseline(worker: Worker, cfg: RunConfig, trainer, full_eval, peft_model) -> dict:
-    """The base model's eval loss and exact match (adapter disabled), computed once per worker."""
+    """The base model's eval loss and exact match (adapter disabled; dpo: its preference accuracy and margin on
+    every eval pair), computed once per worker."""
+    if worker.baseline is None and cfg.trainer.method == "dpo":
+        log.info("scoring the base model's preferences (once per worker)")
+        with peft_model.disable_adapter():
+            scores = _preference(peft_model, worker, cfg, full_eval)
+        worker.baseline = {f"base_{k}": scores[k] for k in ("preference_accuracy", "logp_margin")}
+        log.info("base model: preference accuracy %.0f%% on %d eval pairs", 100 * scores["preference_accuracy"],
+                 scores["preference_pairs"])
     if worker.baseline is None:
         log.info("evaluating the base model (once per worker)")
         with peft_model.disable_adapter():
@@ -219,7 +142,7 @@ def baseline(worker: Worker, cfg: RunConfig, trainer, full_eval, peft_model) -> 
 
 def train_adapter(worker: Worker, cfg: RunConfig, out_dir: Path, callbacks=(), report_to=(),
                   with_baseline: bool = True, save: bool = True) -> dict:
-    """Attach a fresh adapter to the worker's base, train, evaluate, save it; the base is left as it was."""
+    """Attach an adapter to the worker's base, train, evaluate, save it; the base is left as it was."""
     t_start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.trainer.num_threads:
@@ -234,15 +157,17 @@ def _train(worker: Worker, cfg: RunConfig, out_dir: Path, callbacks, report_to, 
     from transformers import set_seed
 
     set_seed(cfg.trainer.seed)  # the adapter's initial weights: the same params give the same run, whatever ran before
-    peft_model = adapters.attach(worker.base.model, cfg.lora, cfg.model)
+    peft_model = _attach(worker, cfg)
     trainer = None
     try:
-        trainable, total = peft_model.get_nb_trainable_parameters()
         timer = StepTimer()
-        args = sft_config(cfg, out_dir, list(report_to), padding_free(cfg, worker.base.model))
-        trainer, full_eval = _trainer(worker, peft_model, args, cfg, [timer, *callbacks])
+        trainer, full_eval = _trainer(worker, peft_model, cfg, out_dir, report_to, [timer, *callbacks])
+        trainable, total = peft_model.get_nb_trainable_parameters()  # after TRL's frozen reference copy, if any
         metrics = dict(baseline(worker, cfg, trainer, full_eval, peft_model)) if with_baseline else {}
-        set_seed(cfg.trainer.seed)  # as SFTTrainer left it: the baseline's evals must not shift the data order
+        if cfg.trainer.init_adapter and cfg.trainer.method == "dpo":
+            metrics.update({f"start_{k}": v for k, v in _preference(peft_model, worker, cfg, full_eval).items()
+                            if k in ("preference_accuracy", "logp_margin")})
+        set_seed(cfg.trainer.seed)  # as the trainer left it: the baseline's evals must not shift the data order
         evals = timed_evaluate(trainer)  # after the baseline: its eval is not this run's
         setup_s = time.perf_counter() - t_start
         log.info("training %s steps: r=%s alpha=%s dropout=%s targets=%s lr=%.2e", cfg.trainer.max_steps,
@@ -259,10 +184,13 @@ def _train(worker: Worker, cfg: RunConfig, out_dir: Path, callbacks, report_to, 
             t0 = time.perf_counter()
             em = _exact_match(peft_model, worker, cfg)
             em_s = time.perf_counter() - t0
+            if cfg.trainer.method == "dpo":  # the pairs the final eval scored
+                scored = full_eval if cfg.trainer.final_eval == "full" else trainer.eval_dataset
+                metrics.update({**dpo.reward_metrics(final), **_preference(peft_model, worker, cfg, scored)})
         tokens = int(trainer.state.num_input_tokens_seen)
         metrics.update({
             "eval_loss": final["eval_loss"],
-            "perplexity": math.exp(min(final["eval_loss"], 50)),
+            "perplexity": math.exp(min(final["eval_loss"], 50)) if cfg.trainer.method == "sft" else None,
             "exact_match": em.get("exact_match"),
             "samples": em.get("samples"),
             "train_loss_first": losses[0] if losses else None,
@@ -280,7 +208,8 @@ def _train(worker: Worker, cfg: RunConfig, out_dir: Path, callbacks, report_to, 
             "periodic_eval_s": periodic_eval_s,  # the evals pruning reads
             "final_eval_s": final_eval_s,
             "exact_match_s": em_s,
-            "padding_free": args.padding_free,
+            "padding_free": trainer.args.padding_free,
+            "method": cfg.trainer.method,
             "eval_rows": len(full_eval) if cfg.trainer.final_eval == "full" else len(trainer.eval_dataset),
             **trained_on(worker),
         })

@@ -66,6 +66,8 @@ NOT_PER_TRIAL = {
     "tracking.": "it sets how trials are logged, not what they train",
     "benchmark.": "the benchmark stage reads it after the search; no trial does",
     "dashboard.": "only the dashboard command reads it",
+    "trainer.method": "the data decides it (preference pairs train with trainer=dpo, prompt/completion rows with "
+                      "trainer=sft)",
     "stage": "it is set for the whole run", "force": "it is set for the whole run",
     "worker": "it is set for the whole run", "run_name": "it is set for the whole run",
     "results_dir": "it is set for the whole run", "cache_dir": "it is set for the whole run",

@@ -20,7 +20,11 @@ BIASES = ("none", "all", "lora_only")
 INIT_LORA = (True, False, "gaussian", "pissa", "olora", "orthogonal", "loftq", "eva", "corda")
 MODEL_SOURCES = ("embedded", "tiny", "hub", "local")
 DATA_SOURCES = ("embedded", "local", "hub")
-LAYOUTS = ("auto", "messages", "prompt_completion", "alpaca", "dolly", "columns")
+LAYOUTS = ("auto", "messages", "prompt_completion", "alpaca", "dolly", "preference", "columns")
+METHODS = ("sft", "dpo")
+# TRL 1.16 DPOTrainer's loss types (DPOConfig.loss_type); several combined are not offered here
+DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
 DATA_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -82,7 +86,13 @@ def check_trainer(problems: list[str], cfg: RunConfig) -> None:
     from transformers.training_args import OptimizerNames
 
     t = cfg.trainer
-    _choice(problems, "trainer.method", t.method, ("sft",))
+    _choice(problems, "trainer.method", t.method, METHODS)
+    if t.method == "dpo":
+        check_dpo(problems, cfg)
+    if t.init_adapter is not None:
+        _, problem = init_adapter_dir(t.init_adapter, cfg.results_dir)
+        if problem:
+            problems.append(problem)
     _positive_float(problems, "trainer.learning_rate", t.learning_rate)
     for key in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "logging_steps", "max_new_tokens"):
         _positive_int(problems, f"trainer.{key}", getattr(t, key))
@@ -107,6 +117,40 @@ def check_trainer(problems: list[str], cfg: RunConfig) -> None:
     _choice(problems, "trainer.optim", t.optim, [o.value for o in OptimizerNames])
 
 
+def check_dpo(problems: list[str], cfg: RunConfig) -> None:
+    """trainer=dpo: beta, loss type, label smoothing, and the settings TRL's DPOTrainer does not have."""
+    t = cfg.trainer
+    if not isinstance(t.beta, (int, float)) or isinstance(t.beta, bool) or not math.isfinite(t.beta) or t.beta <= 0:
+        problems.append(f"trainer.beta must be a positive number (how far the tuned model may move from the "
+                        f"reference; TRL's default 0.1), got {t.beta!r}")
+    _choice(problems, "trainer.loss_type", t.loss_type, DPO_LOSSES)
+    if not isinstance(t.label_smoothing, (int, float)) or not 0 <= t.label_smoothing < 0.5:
+        problems.append(f"trainer.label_smoothing must be in [0, 0.5), got {t.label_smoothing!r}")
+    elif t.loss_type == "exo_pair" and t.label_smoothing == 0:
+        problems.append("trainer.loss_type=exo_pair needs trainer.label_smoothing > 0 (the EXO paper uses 1e-3)")
+    if t.packing:
+        problems.append("trainer.packing=true is not available with trainer=dpo (TRL's DPOTrainer pairs each chosen "
+                        "answer with its rejected one); set trainer.packing=false")
+    if t.padding_free is True:
+        problems.append("trainer.padding_free=true is not available with trainer=dpo (TRL 1.16 falls back to padding); "
+                        "leave it auto or false")
+
+
+def init_adapter_dir(value: str, results_dir: str) -> tuple[Path | None, str | None]:
+    """trainer.init_adapter as a folder holding adapter_config.json: the folder itself, or the promoted adapter of
+    the study of that name (results/<study>/full/adapter); (None, the problem) when neither exists."""
+    folder = Path(value).expanduser()
+    study = Path(results_dir) / str(value) / "full" / "adapter"
+    for candidate in (folder, study):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate, None
+    if folder.is_dir():
+        return None, f"trainer.init_adapter: {value!r} is a folder without adapter_config.json (not a PEFT adapter)"
+    return None, (f"trainer.init_adapter: {value!r} is neither an adapter folder (with adapter_config.json) nor a "
+                  f"study with a promoted adapter ({study} does not exist); give the folder a `train` or promotion "
+                  "wrote, or the name of a study whose search and promotion finished")
+
+
 def check_model_quant(problems: list[str], cfg: RunConfig) -> None:
     """Model source and dtype; quantization mode and whether bitsandbytes is there."""
     m, q = cfg.model, cfg.quant
@@ -129,7 +173,7 @@ def check_model_quant(problems: list[str], cfg: RunConfig) -> None:
 
 def check_data(problems: list[str], cfg: RunConfig) -> None:
     """Data source, file existence and format (data.path, data.eval_path), layout, split fraction."""
-    from lora_search.tasks import TASKS
+    from lora_search.tasks import PREFERENCE_TASKS, TASKS
 
     d = cfg.data
     _choice(problems, "data.source", d.source, DATA_SOURCES)
@@ -138,11 +182,12 @@ def check_data(problems: list[str], cfg: RunConfig) -> None:
     if not 0 < d.eval_fraction < 1:
         problems.append(f"data.eval_fraction must be in (0, 1), got {d.eval_fraction!r}")
     if d.source == "embedded":
+        tasks, kind = (PREFERENCE_TASKS, "preference task") if d.layout == "preference" else (TASKS, "task")
         if not d.tasks:
-            problems.append(f"data.tasks must name at least one task; available: {', '.join(TASKS)}")
+            problems.append(f"data.tasks must name at least one {kind}; available: {', '.join(tasks)}")
         for task in d.tasks:
-            if task not in TASKS:
-                problems.append(f"data.tasks: unknown task {task!r}; available: {', '.join(TASKS)}")
+            if task not in tasks:
+                problems.append(f"data.tasks: unknown {kind} {task!r}; available: {', '.join(tasks)}")
         _positive_int(problems, "data.train_per_task", d.train_per_task)
         _positive_int(problems, "data.eval_per_task", d.eval_per_task)
     elif not d.path:
@@ -168,11 +213,16 @@ def check_data(problems: list[str], cfg: RunConfig) -> None:
             problems.append(
                 f"data.eval_path: unsupported file type {path.suffix!r}; accepted: {', '.join(DATA_SUFFIXES)}"
             )
-    if d.layout == "columns" and not {"prompt", "completion"} <= set(d.columns):
+    if d.layout == "columns" and not ({"prompt", "completion"} <= set(d.columns) or {"chosen", "rejected"} <= set(d.columns)):
         problems.append(
-            "data.layout=columns needs data.columns.prompt and data.columns.completion "
-            f"(the columns to read them from), got {dict(d.columns)!r}"
+            "data.layout=columns needs data.columns.prompt and data.columns.completion (the columns to read them "
+            "from), or data.columns.chosen and data.columns.rejected for preference pairs (data.columns.prompt "
+            f"optional), got {dict(d.columns)!r}"
         )
+    unknown = sorted(set(d.columns) - {"prompt", "completion", "system", "chosen", "rejected"})
+    if unknown:
+        problems.append(f"data.columns: unknown role(s) {', '.join(unknown)}; accepted: prompt, completion, system, "
+                        "chosen, rejected")
     for key in ("max_train_rows", "max_eval_rows"):
         if getattr(d, key) is not None:
             _positive_int(problems, f"data.{key}", getattr(d, key))

@@ -43,6 +43,12 @@ def _files(tmp: Path) -> dict[str, str]:
         "QAFILE": _write(tmp / "qa.jsonl", "".join(
             json.dumps({"question": f"q{i}", "answer": f"a{i}"}) + "\n" for i in range(6))),
         "EMPTYDIR": str((tmp / "emptydir").mkdir() or tmp / "emptydir"),
+        "NOREJECTED": _write(tmp / "norejected.jsonl", "".join(
+            json.dumps({"prompt": f"q{i}", "chosen": f"a{i}"}) + "\n" for i in range(6))),
+        "SAMEPAIRS": _write(tmp / "same.jsonl", "".join(
+            json.dumps({"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"a{i}"}) + "\n" for i in range(6))),
+        "PAIRS": _write(tmp / "pairs.jsonl", "".join(
+            json.dumps({"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"}) + "\n" for i in range(6))),
     }
 
 
@@ -128,6 +134,24 @@ CASES = [
     ("trial-block-unknown-key", ["++sweep.trial={trainer.max_stepz: 4}"], "sweep.trial: unknown config key 'trainer.max_stepz'"),
     ("report-on-a-missing-study", ["stage=report", "sweep.name=nosuch"],
      "no study 'nosuch' in storage 'sqlite:///"),
+    ("dpo-pairs-without-rejected", ["trainer=dpo", "data=local", "data.path=NOREJECTED"],
+     "has a chosen column but no rejected column: preference pairs need both chosen and rejected"),
+    ("dpo-pairs-all-identical", ["trainer=dpo", "data=local", "data.path=SAMEPAIRS"],
+     "no usable rows: 6 rows with identical chosen and rejected answers (nothing to prefer) (first at line 1)"),
+    ("dpo-with-sft-data", ["trainer=dpo"],
+     "trainer=dpo trains on preference pairs, but data=embedded holds prompt/completion rows"),
+    ("sft-with-preference-pairs", ["data=local", "data.path=PAIRS"],
+     "trainer=sft trains on prompt/completion rows, but data=local"),
+    ("dpo-beta-not-positive", ["sweep=dpo_beta", "trainer.beta=0"], "trainer.beta must be a positive number"),
+    ("dpo-space-allows-beta-zero", ["sweep=dpo_beta", "++sweep.space={trainer.beta: {type: float, low: 0, high: 1}}"],
+     "sweep.space allows trainer.beta=0, which is invalid"),
+    ("dpo-unknown-loss-type", ["sweep=dpo_beta", "trainer.loss_type=kto"], "trainer.loss_type must be one of sigmoid"),
+    ("dpo-eval-loss-across-betas", ["sweep=dpo_beta", "sweep.metric=eval_loss"],
+     "sweep.metric=eval_loss compares DPO losses, which trainer.beta rescale(s)"),
+    ("preference-metric-with-sft", ["sweep.metric=reward_accuracy"],
+     "sweep.metric=reward_accuracy is measured on preference pairs by trainer=dpo"),
+    ("dpo-init-adapter-not-found", ["sweep=dpo_beta", "trainer.init_adapter=nosuch"],
+     "trainer.init_adapter: 'nosuch' is neither an adapter folder"),
 ]
 
 
