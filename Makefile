@@ -54,6 +54,7 @@ bench: setup
 	$(PY) benchmarks/overhead.py
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/pruning.py
+	$(PY) benchmarks/dpo_sweep.py
 	$(PY) benchmarks/readme_section.py --update README.md
 
 clean-cache:

@@ -26,6 +26,7 @@ TITLES = {
     "overhead": "Per-trial overhead",
     "throughput": "Training throughput",
     "pruning": "The same sweep with and without pruning",
+    "dpo_sweep": "Preference tuning end to end (`sweep=dpo_beta`)",
 }
 LABELS = {"handwritten": "hand-written Optuna + TRL recipe", "lora_search": "lora_search",
           "hf_search": "transformers `hyperparameter_search`"}
@@ -178,6 +179,18 @@ def _flat(data: dict, prefix: str = "") -> list[tuple[str, object]]:
     return out
 
 
+def render_dpo_sweep(rec: dict) -> list[str]:
+    """The DPO sweep: held-out preference accuracy of base and tuned, and the wall time, against the targets."""
+    best = ", ".join(f"{k.split('.')[-1]}={common.fmt(v, '.3g')}" for k, v in (rec.get("best_params") or {}).items())
+    return [f"`{rec.get('command', 'sweep=dpo_beta').strip()}`: held-out preference accuracy "
+            f"{_num(100 * rec['base_preference_accuracy'], '.0f')}% (base) -> "
+            f"{_num(100 * rec['tuned_preference_accuracy'], '.0f')}% (tuned) on {rec.get('held_out_pairs')} pairs, "
+            f"{_num(rec.get('lift_points'), '+.0f')} points (target +{_num(rec.get('target_points'), '.0f')}: "
+            f"{_met(rec.get('lift_met'))}); {_num(rec.get('wall_s', 0) / 60)} min end to end (target "
+            f"{_num(rec.get('target_s', 0) / 60, '.0f')} min: {_met(rec.get('within_time'))}); trials "
+            f"{rec.get('trials')}; best {best}."]
+
+
 def render_generic(rec: dict) -> list[str]:
     """A record of a kind not known here: its top-level figures as a table."""
     rows = _flat(rec)[:30]
@@ -226,7 +239,7 @@ def render_throughput(rec: dict) -> list[str]:
 
 
 RENDERERS = {"load_time": render_load_time, "peer_sweep": render_peer_sweep, "overhead": render_overhead,
-             "pruning": render_pruning, "throughput": render_throughput}
+             "pruning": render_pruning, "throughput": render_throughput, "dpo_sweep": render_dpo_sweep}
 
 
 def render(records: list[dict], problems: list[str] = (), heading: str = "## Performance") -> str:

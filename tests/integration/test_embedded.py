@@ -81,7 +81,7 @@ def test_a_short_dpo_run_lifts_the_embedded_preference_task(tmp_path):
                           text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "runs" / "dpo" / "metrics.json").read_text())
-    assert metrics["method"] == "dpo" and metrics["preference_pairs"] == 50
+    assert metrics["method"] == "dpo" and metrics["preference_pairs"] == 100
     assert metrics["base_preference_accuracy"] <= 0.60  # the base prefers the rejected answer often
     assert metrics["preference_accuracy"] >= metrics["base_preference_accuracy"] + 0.20
     assert metrics["reward_accuracy"] > 0.5 and metrics["eval_loss"] < 0.69

@@ -211,3 +211,25 @@ def test_a_diverging_dpo_trial_is_stopped_with_its_reason(dpo_worker, tmp_path):
     with pytest.raises(TrialStopped, match="diverged"):
         train.train_adapter(worker, cfg, tmp_path / "nan", callbacks=[callback], with_baseline=False, save=False)
     assert models.checksum(worker.base.model) == before
+
+
+def test_init_adapter_takes_a_study_name_or_a_folder(tmp_path):
+    """README: `trainer.init_adapter=rank_lr` reads results/rank_lr/full/adapter; a folder is taken as it is."""
+    from lora_search.validate import init_adapter_dir
+
+    promoted = tmp_path / "results" / "rank_lr" / "full" / "adapter"
+    promoted.mkdir(parents=True)
+    (promoted / "adapter_config.json").write_text("{}")
+    assert init_adapter_dir("rank_lr", str(tmp_path / "results")) == (promoted, None)
+    assert init_adapter_dir(str(promoted), "elsewhere") == (promoted, None)
+    folder, problem = init_adapter_dir(str(tmp_path), str(tmp_path / "results"))
+    assert folder is None and "without adapter_config.json" in problem
+
+
+def test_a_sweep_file_picks_its_groups_unless_the_command_line_does(make_cfg):
+    """README: a sweep file may pick config groups (`groups: {trainer: dpo}`): sweep=dpo_beta alone composes a DPO
+    run on the embedded preference task; a group on the command line wins."""
+    cfg = make_cfg("sweep=dpo_beta")
+    assert (cfg.trainer.name, cfg.data.name, cfg.sweep.metric) == ("dpo", "embedded_preference", "preference_accuracy")
+    assert make_cfg("sweep=dpo_beta", "data=local", "data.path=x.jsonl").data.name == "local"
+    assert make_cfg().trainer.name == "sft"  # the default sweep picks nothing
