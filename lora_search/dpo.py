@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from lora_search import hardware
 from lora_search.schema import RunConfig
 
 log = logging.getLogger(__name__)
@@ -29,43 +28,11 @@ def dpo_config(cfg: RunConfig, out_dir: Path, report_to: list[str]):
     """TRL's DPOConfig for a run config (DPOConfig's own defaults differ: checkpointing and bf16 on, lr 1e-6)."""
     from trl import DPOConfig
 
+    from lora_search.sft import common_arguments
+
     t = cfg.trainer
-    mode = hardware.precision(t.precision)
-    return DPOConfig(
-        output_dir=str(out_dir / "checkpoints"),
-        beta=t.beta,
-        loss_type=[t.loss_type],
-        label_smoothing=t.label_smoothing,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler,
-        warmup_steps=t.warmup_steps,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=t.optim,
-        per_device_train_batch_size=t.batch_size,
-        per_device_eval_batch_size=t.eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        max_steps=t.max_steps,
-        num_train_epochs=t.num_epochs,
-        max_length=t.max_length,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
-        bf16=mode == "bf16",
-        fp16=mode == "fp16",
-        use_cpu=not torch.cuda.is_available(),
-        seed=t.seed,
-        data_seed=t.seed,
-        logging_steps=t.logging_steps,
-        logging_nan_inf_filter=False,  # a diverging run must show its NaN loss
-        eval_strategy="steps" if t.eval_every else "no",
-        eval_steps=t.eval_every or None,
-        save_strategy="no",
-        report_to=report_to,
-        run_name=out_dir.name,
-        include_num_input_tokens_seen="non_padding",
-        dataloader_pin_memory=torch.cuda.is_available(),
-        disable_tqdm=False,
-    )
+    return DPOConfig(**common_arguments(cfg, out_dir, report_to), beta=t.beta, loss_type=[t.loss_type],
+                     label_smoothing=t.label_smoothing, max_length=t.max_length)
 
 
 def data_key(cfg: RunConfig) -> tuple:

@@ -37,13 +37,12 @@ def padding_free(cfg: RunConfig, model) -> bool:
     return kinds <= {"full_attention", "sliding_attention", "chunked_attention"}
 
 
-def sft_config(cfg: RunConfig, out_dir: Path, report_to: list[str], padding_free: bool = False):
-    """TRL's SFTConfig for a run config (padding_free: rows concatenated per batch, truncated by us)."""
-    from trl import SFTConfig
-
+def common_arguments(cfg: RunConfig, out_dir: Path, report_to: list[str]) -> dict:
+    """The TrainingArguments every TRL trainer of a run shares (SFTConfig and DPOConfig add their own), set
+    explicitly: TRL's configs default to checkpointing and bf16 on."""
     t = cfg.trainer
     mode = hardware.precision(t.precision)
-    return SFTConfig(
+    return dict(
         output_dir=str(out_dir / "checkpoints"),
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler,
@@ -56,10 +55,6 @@ def sft_config(cfg: RunConfig, out_dir: Path, report_to: list[str], padding_free
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         max_steps=t.max_steps,
         num_train_epochs=t.num_epochs,
-        # TRL refuses max_length with padding-free batches unless packing: the rows are truncated by _trainer
-        max_length=None if padding_free and not t.packing else t.max_length,
-        packing=t.packing,
-        padding_free=padding_free,
         activation_checkpointing=t.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         bf16=mode == "bf16",
@@ -74,10 +69,24 @@ def sft_config(cfg: RunConfig, out_dir: Path, report_to: list[str], padding_free
         save_strategy="no",
         report_to=report_to,
         run_name=out_dir.name,
-        completion_only_loss=True,
         include_num_input_tokens_seen="non_padding",
         dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=False,
+    )
+
+
+def sft_config(cfg: RunConfig, out_dir: Path, report_to: list[str], padding_free: bool = False):
+    """TRL's SFTConfig for a run config (padding_free: rows concatenated per batch, truncated by us)."""
+    from trl import SFTConfig
+
+    t = cfg.trainer
+    return SFTConfig(
+        **common_arguments(cfg, out_dir, report_to),
+        # TRL refuses max_length with padding-free batches unless packing: the rows are truncated by make_trainer
+        max_length=None if padding_free and not t.packing else t.max_length,
+        packing=t.packing,
+        padding_free=padding_free,
+        completion_only_loss=True,
     )
 
 

@@ -21,7 +21,7 @@ from lora_search.evaluate import StepTimer, final_eval, timed_evaluate
 from lora_search.data import TaskData
 from lora_search.models import Base
 from lora_search.schema import RunConfig
-from lora_search.sft import PACKED_ATTENTION, data_key, make_trainer, padding_free, sft_config, truncated  # noqa: F401
+from lora_search.sft import data_key, make_trainer, padding_free, sft_config  # noqa: F401 (padding_free: tests)
 from lora_search.validate import init_adapter_dir
 
 log = logging.getLogger(__name__)

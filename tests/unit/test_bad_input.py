@@ -8,7 +8,6 @@ before Hydra starts the run, so no Hydra state is left behind. test_cli.py runs 
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
