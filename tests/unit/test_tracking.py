@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import optuna
@@ -140,3 +141,24 @@ def test_the_sweep_summary_run_has_best_params_importances_and_the_reports_plots
     logged = {k: v for row in run["history"] for k, v in row.items()}  # a logged object's fields, keys joined by /
     assert (logged["importance/_type"], logged["importance/nrows"]) == ("table-file", len(study.best_params))
     assert logged["plots/importance/_type"] == "image-file"  # the report's plot
+
+
+def test_a_dpo_benchmark_run_shows_preference_accuracy_base_and_tuned(make_cfg, wandb_runs, monkeypatch, tmp_path):
+    """README (Preference tuning): the W&B benchmark run holds each model's preference accuracy and the tuned model's
+    reward accuracy against the base, in its summary and its side-by-side table."""
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cfg = make_cfg("sweep=dpo_beta", tracking="wandb")
+    bench = {"base": {"preference_accuracy": 0.17, "logp_margin": -5.0, "latency_p50_s": 0.5},
+             "tuned": {"preference_accuracy": 0.98, "logp_margin": 12.0, "reward_accuracy": 0.99,
+                       "reward_margin": 1.7, "latency_p50_s": 0.5}}
+    tracking.log_benchmark(cfg, tmp_path, bench)
+    runs = wandb_runs(tmp_path)
+    assert len(runs) == 1  # one offline run: the benchmark's
+    run = next(iter(runs.values()))
+    assert run["summary"]["base/preference_accuracy"] == pytest.approx(0.17)
+    assert run["summary"]["tuned/preference_accuracy"] == pytest.approx(0.98)
+    assert run["summary"]["tuned/reward_accuracy"] == pytest.approx(0.99)
+    table = json.loads(next(tmp_path.glob("wandb/offline-run-*/files/media/table/*.table.json")).read_text())
+    rows = {row[0]: row[1:] for row in table["data"]}
+    assert table["columns"] == ["metric", "base", "tuned"]
+    assert rows["preference_accuracy"] == [0.17, 0.98] and rows["reward_accuracy"] == [None, 0.99]
