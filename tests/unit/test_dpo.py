@@ -149,6 +149,7 @@ def test_pairs_are_scored_as_dpo_tokenizes_them(dpo_worker, tmp_path):
     assert ours == theirs
 
 
+@pytest.mark.slow  # a whole tiny DPO pipeline: search, promotion, merge, benchmark, report
 def test_a_dpo_sweep_searches_beta_then_promotes_merges_and_benchmarks_on_held_out_pairs(make_cfg, tmp_path):
     """sweep=dpo_beta picks trainer=dpo itself; trials are compared on preference accuracy and pruned on the eval
     reward accuracy (beta rescales the DPO loss); the benchmark scores base and tuned on every held-out pair."""
