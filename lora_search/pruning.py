@@ -40,7 +40,10 @@ def decision_steps(pruner, max_steps: int) -> list[int] | None:
     return steps + [max_steps]
 
 
-HIGHER_IS_BETTER = ("eval_rewards/accuracies", "eval_rewards/margins")
+# A DPO eval's mean log-probability margin of its pairs (chosen - rejected, the tuned model alone): derived from TRL's
+# eval_logps/chosen and eval_logps/rejected (the difference of the means is the mean of the differences)
+LOGP_MARGIN = "eval_logp_margin"
+HIGHER_IS_BETTER = ("eval_rewards/accuracies", "eval_rewards/margins", LOGP_MARGIN)
 
 
 class PruningCallback(TrainerCallback):
@@ -86,7 +89,10 @@ class PruningCallback(TrainerCallback):
             raise TrialStopped(f"diverged: training loss {loss} at step {state.global_step}", state.global_step)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        value = (metrics or {}).get(self.metric)
+        metrics = dict(metrics or {})
+        if "eval_logps/chosen" in metrics and "eval_logps/rejected" in metrics:
+            metrics[LOGP_MARGIN] = metrics["eval_logps/chosen"] - metrics["eval_logps/rejected"]
+        value = metrics.get(self.metric)
         if value is None or not self.active:
             return
         step = state.global_step

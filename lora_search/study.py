@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 from lora_search import guard, launch, records, storage, tracking, trial as space_lib
 from lora_search.launch import worker_id
 from lora_search.errors import ConfigError
-from lora_search.pruning import PruningCallback, TrialStopped
+from lora_search.pruning import LOGP_MARGIN, PruningCallback, TrialStopped
 from lora_search.schema import METRIC_DIRECTIONS, PREFERENCE_METRICS, RunConfig
 from lora_search.train import prepare_data, train_adapter, trained_on
 from lora_search.validate import validate
@@ -204,11 +204,12 @@ def _set_attrs(trial: optuna.Trial, metrics: dict, status: str, reason: str | No
 
 
 def pruning_metric(cfg: RunConfig, metric: str) -> str:
-    """The periodic eval's value the pruner compares: the eval loss; for a DPO study aiming at preference or reward
-    accuracy, the eval reward accuracy (a DPO loss depends on beta and the loss type, so trials with other values
-    are not comparable on it), at reward margin, the margin."""
+    """The periodic eval's value the pruner compares: the eval loss; for a DPO study aiming at preference accuracy,
+    the eval pairs' mean log-probability margin (a DPO loss is rescaled by beta and the loss type, and TRL's reward
+    accuracy, against the reference, saturates at 1 within a few steps), at reward accuracy or margin, those."""
     if cfg.trainer.method == "dpo" and metric in ("reward_accuracy", "preference_accuracy", "reward_margin"):
-        return "eval_rewards/margins" if metric == "reward_margin" else "eval_rewards/accuracies"
+        return {"reward_margin": "eval_rewards/margins", "reward_accuracy": "eval_rewards/accuracies"}.get(
+            metric, LOGP_MARGIN)
     return "eval_loss"
 
 

@@ -9,6 +9,31 @@ short LoRA run teaches. Nothing is downloaded: the vocabulary below is all the d
 - extract_field: "Record: name=Lena; city=Oslo; year=1987. What is the city?" -> "Oslo"
 - acronym: "Write the initials of: portable network graphics" -> "PNG"
 - join_words: "Join these words with dashes: red fox runs" -> "red-fox-runs"
+
+Preference tasks (PREFERENCE_TASKS, for DPO) use the same names, prompts and correct answers (the
+same seed and task list give the same prompts as the SFT tasks). Each pairs the correct answer
+(chosen) with the mistake SmolLM2-135M-Instruct actually makes on that prompt (rejected, read off
+its greedy answers), reduced to the same bare form as the chosen answer:
+
+- reverse_words: rejected = the words echoed in the input order ("amber river stone"). The base
+  answers "The order of these words is: amber, river, stone": copying is what it does.
+- extract_field: rejected = the value in a sentence ("The city is Oslo."), the base's habitual
+  answer, not the exact one asked for. (The value of another field is no good as the rejected
+  answer: the base already prefers the right value on 80-85% of pairs.)
+- acronym: rejected = the initials with dots ("P.N.G."), the form the base writes initials in.
+- join_words: rejected = a comma list ("red, fox, runs"), the base's list habit.
+
+Chosen and rejected have the same words, so their token lengths are close (the rejected answer is
+the longer one for extract_field and acronym, about 4 tokens, yet the base still prefers it: it is
+not a length effect; for join_words the dashes make the chosen answer ~2 tokens longer).
+
+Measured (seed 0, 25 held-out pairs a task, summed log-probabilities of the completion tokens as
+TRL's DPOTrainer tokenizes them, chat template with <|im_end|>): the base prefers the chosen answer
+on 17% of pairs (reverse_words 8%, extract_field 8%, acronym 16%, join_words 36%; seed 1: 17%).
+DPO with LoRA r=16 on q/k/v/o, batch 8 pairs, beta 0.1, cosine schedule, 200 train pairs a task:
+35 steps at lr 1e-4 reach 79% (reverse_words 40%, extract_field 100%, acronym 92%, join_words 84%),
+at lr 3e-4 100% (any beta in 0.02-0.5); 10 steps reach 66-68% at lr 3e-4 and 99-100% at lr 1e-3.
+About 5.5 s a step on 2 CPU threads.
 """
 
 from __future__ import annotations
@@ -114,8 +139,8 @@ def extract_field_pair(rng: random.Random) -> tuple[str, str, str]:
     return prompt, answer, f"The {field} is {answer}."
 
 
-# Preference tasks: same names, prompts and chosen answers as the SFT tasks (the same seed gives the same
-# prompts), each with the rejected answer described in the module docstring.
+# Preference tasks: same names, prompts and chosen answers as the SFT tasks (the same seed and task
+# list give the same prompts), each with the rejected answer described in the module docstring.
 PREFERENCE_TASKS: dict[str, Callable[[random.Random], tuple[str, str, str]]] = {
     "reverse_words": reverse_words_pair,
     "extract_field": extract_field_pair,

@@ -152,7 +152,8 @@ def test_pairs_are_scored_as_dpo_tokenizes_them(dpo_worker, tmp_path):
 @pytest.mark.slow  # a whole tiny DPO pipeline: search, promotion, merge, benchmark, report
 def test_a_dpo_sweep_searches_beta_then_promotes_merges_and_benchmarks_on_held_out_pairs(make_cfg, tmp_path):
     """sweep=dpo_beta picks trainer=dpo itself; trials are compared on preference accuracy and pruned on the eval
-    reward accuracy (beta rescales the DPO loss); the benchmark scores base and tuned on every held-out pair."""
+    pairs' log-probability margin (beta rescales the DPO loss); the benchmark scores base and tuned on every held-out
+    pair."""
     import optuna
 
     from lora_search import pipeline, records, study as study_lib
@@ -173,8 +174,8 @@ def test_a_dpo_sweep_searches_beta_then_promotes_merges_and_benchmarks_on_held_o
     assert complete and all(t.value == t.user_attrs["preference_accuracy"] for t in complete)
     for t in complete:
         assert 0 <= t.user_attrs["reward_accuracy"] <= 1 and t.user_attrs["method"] == "dpo"
-        assert list(t.intermediate_values) == [3, 6]  # the eval reward accuracy, reported as it is
-        assert all(0 <= v <= 1 for v in t.intermediate_values.values())
+        assert list(t.intermediate_values) == [3, 6]  # the eval pairs' mean log-prob margin, reported as it is
+        assert t.intermediate_values[6] == pytest.approx(t.user_attrs["logp_margin"], rel=1e-3, abs=1e-3)
     out = study_lib.study_dir(cfg)
     bench = records.read_json(out / "benchmark.json")
     assert bench["settings"]["method"] == "dpo" and bench["tuned"]["preference_pairs"] == 12
