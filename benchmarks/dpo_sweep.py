@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> dict:
         base, tuned = bench["base"], bench["tuned"]
         lift = 100 * (tuned["preference_accuracy"] - base["preference_accuracy"])
         rec = common.record("dpo_sweep", {
-            "command": "python -m lora_search sweep=dpo_beta " + " ".join(extra),
+            "command": " ".join(["python -m lora_search sweep=dpo_beta", *extra]),
             "wall_s": round(wall, 1),
             "target_s": TARGET_S,
             "within_time": wall <= TARGET_S,

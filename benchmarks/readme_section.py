@@ -187,8 +187,9 @@ def render_dpo_sweep(rec: dict) -> list[str]:
             f"{_num(100 * rec['tuned_preference_accuracy'], '.0f')}% (tuned) on {rec.get('held_out_pairs')} pairs, "
             f"{_num(rec.get('lift_points'), '+.0f')} points (target +{_num(rec.get('target_points'), '.0f')}: "
             f"{_met(rec.get('lift_met'))}); {_num(rec.get('wall_s', 0) / 60)} min end to end (target "
-            f"{_num(rec.get('target_s', 0) / 60, '.0f')} min: {_met(rec.get('within_time'))}); trials "
-            f"{rec.get('trials')}; best {best}."]
+            f"{_num(rec.get('target_s', 0) / 60, '.0f')} min: {_met(rec.get('within_time'))}); trials: "
+            + ", ".join(f"{n} {state}" for state, n in (rec.get("trials") or {}).items())
+            + f"; best {best}."]
 
 
 def render_generic(rec: dict) -> list[str]:

@@ -214,7 +214,8 @@ def _train(worker: Worker, cfg: RunConfig, out_dir: Path, callbacks, report_to, 
             **trained_on(worker),
         })
         if save:
-            peft_model.save_pretrained(out_dir / "adapter", safe_serialization=True)
+            # the trained adapter only (DPO on a starting adapter also holds TRL's frozen reference copy)
+            peft_model.save_pretrained(out_dir / "adapter", safe_serialization=True, selected_adapters=["default"])
         metrics["wall_s"] = time.perf_counter() - t_start
         return metrics
     finally:

@@ -119,6 +119,7 @@ def test_sft_then_dpo_continues_the_sft_adapter_which_is_the_reference(make_cfg,
     assert metrics["train_loss_last"] < metrics["train_loss_first"]
     continued = load_file(tmp_path / "dpo" / "adapter" / "adapter_model.safetensors")
     assert set(continued) == set(start)  # the SFT adapter's own modules and rank, no reference copy
+    assert [p.name for p in (tmp_path / "dpo" / "adapter").iterdir() if p.is_dir()] == []  # nor TRL's ref/ folder
     assert any(not torch.equal(continued[k], start[k]) for k in start)
     assert models.checksum(worker.base.model) == before
 
