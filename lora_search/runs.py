@@ -103,11 +103,16 @@ def train_stage(cfg: RunConfig) -> Path:
     records.write_status(run_dir, "complete")
     tracking.log_dir_artifact(run, run_dir / "adapter", f"adapter-{run_dir.name}", "model", metrics)
     tracking.finish(run, {**metrics, "status": "complete"}, tags=["complete"])
-    em = metrics.get("exact_match")
-    base_em = metrics.get("base_exact_match")
-    log.info("eval loss %.4f (base %.4f)%s; %.0f train tokens/s; %.1f s in all",
-             metrics["eval_loss"], metrics["base_eval_loss"],
-             f"; exact match {em:.0%} (base {base_em:.0%})" if em is not None else "",
-             metrics["train_tokens_per_s"] or 0, metrics["wall_s"])
+    if cfg.trainer.method == "dpo":
+        log.info("eval DPO loss %.4f, reward accuracy %.0f%%; preference accuracy %.0f%% (base %.0f%%) on %d eval "
+                 "pairs; %.1f s in all", metrics["eval_loss"], 100 * metrics["reward_accuracy"],
+                 100 * metrics["preference_accuracy"], 100 * metrics["base_preference_accuracy"],
+                 metrics["preference_pairs"], metrics["wall_s"])
+    else:
+        em, base_em = metrics.get("exact_match"), metrics.get("base_exact_match")
+        log.info("eval loss %.4f (base %.4f)%s; %.0f train tokens/s; %.1f s in all",
+                 metrics["eval_loss"], metrics["base_eval_loss"],
+                 f"; exact match {em:.0%} (base {base_em:.0%})" if em is not None else "",
+                 metrics["train_tokens_per_s"] or 0, metrics["wall_s"])
     log.info("wrote %s", run_dir)
     return run_dir

@@ -150,7 +150,6 @@ def test_pairs_are_scored_as_dpo_tokenizes_them(dpo_worker, tmp_path):
     assert ours == theirs
 
 
-@pytest.mark.slow  # a whole tiny DPO pipeline: search, promotion, merge, benchmark, report
 def test_a_dpo_sweep_searches_beta_then_promotes_merges_and_benchmarks_on_held_out_pairs(make_cfg, tmp_path):
     """sweep=dpo_beta picks trainer=dpo itself; trials are compared on preference accuracy and pruned on the eval
     pairs' log-probability margin (beta rescales the DPO loss); the benchmark scores base and tuned on every held-out
@@ -236,3 +235,17 @@ def test_a_sweep_file_picks_its_groups_unless_the_command_line_does(make_cfg):
     assert (cfg.trainer.name, cfg.data.name, cfg.sweep.metric) == ("dpo", "embedded_preference", "preference_accuracy")
     assert make_cfg("sweep=dpo_beta", "data=local", "data.path=x.jsonl").data.name == "local"
     assert make_cfg().trainer.name == "sft"  # the default sweep picks nothing
+
+
+def test_stage_train_with_dpo_writes_the_run_folder(make_cfg, tmp_path, caplog):
+    import logging
+
+    cfg = make_cfg(*DPO_FAST, "stage=train", "run_name=dpo", "data=local",
+                   f"data.path={write_pairs(tmp_path / 'pairs.jsonl')}")
+    with caplog.at_level(logging.INFO, logger="lora_search"):
+        run_dir = runs.train_stage(cfg)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "complete"
+    assert metrics["preference_accuracy"] > metrics["base_preference_accuracy"]
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert any("preference accuracy" in r.getMessage() and "(base" in r.getMessage() for r in caplog.records)
