@@ -4,6 +4,7 @@ RDBStorage on it, and every way opening it fails as one line with the password m
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -94,13 +95,38 @@ def _dialect_known(backend: str) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _creating(url: str):
+    """For an SQLite file: a lock beside it while Optuna opens it. Workers that open one new study file at once
+    (Hydra's launchers start them together) would otherwise all run Optuna's CREATE TABLE and all but one fail with
+    `table ... already exists`. A server database creates its tables in transactions of its own: no lock. Where the
+    lock cannot be created (a read-only folder: nothing will be created there either) Optuna opens it unlocked."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        yield
+        return
+    from filelock import FileLock
+
+    lock = FileLock(f"{parsed.database}.lock", timeout=300)
+    try:
+        lock.acquire()
+    except OSError:  # not writable; filelock's Timeout is not an OSError and is raised
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def open_rdb(cfg: RunConfig, **kwargs):
     """Optuna's RDBStorage on the study's storage (kwargs: heartbeats); ConfigError when it cannot be opened."""
     import optuna
 
     url = storage_url(cfg)
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url), **kwargs)
+        with _creating(url):
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url), **kwargs)
     except LoraSearchError:
         raise
     except Exception as e:  # noqa: BLE001 - a bad URL, a missing driver, a server that does not answer

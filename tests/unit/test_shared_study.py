@@ -57,3 +57,34 @@ def test_a_dead_workers_trial_is_failed_and_retried(make_cfg):
     assert trials[0].state == optuna.trial.TrialState.FAIL
     retried = [t for t in trials[1:] if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == 0]
     assert retried and retried[0].state == optuna.trial.TrialState.COMPLETE
+
+
+def test_workers_opening_one_new_sqlite_study_at_once_all_succeed(tmp_path):
+    """Hydra's launchers start workers together: each opens the new study file, and Optuna's table creation must not
+    race (without the lock beside the file, all but one failed with `table ... already exists`)."""
+    import multiprocessing
+
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(6), ctx.Queue()
+    procs = [ctx.Process(target=_open_study_in_a_worker, args=(url, barrier, results)) for _ in range(6)]
+    for p in procs:
+        p.start()
+    outcomes = sorted(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    assert outcomes == ["ok"] * 6
+    assert optuna.load_study(study_name="race", storage=url).trials == []
+
+
+def _open_study_in_a_worker(url: str, barrier, results) -> None:
+    from lora_search import storage
+    from lora_search.compose import load_config
+
+    cfg = load_config(["model=tiny_llama", "tracking=none", f"sweep.storage={url}"])
+    barrier.wait(timeout=60)  # all at once, as launched workers are
+    try:
+        optuna.create_study(study_name="race", storage=storage.open_rdb(cfg), load_if_exists=True)
+        results.put("ok")
+    except Exception as e:  # noqa: BLE001 - the outcome is what the test compares
+        results.put(f"{type(e).__name__}: {e}"[:200])
