@@ -135,10 +135,12 @@ def test_stop_forwards_the_signal_then_kills_a_worker_that_ignores_it(tmp_path):
 def test_an_interrupted_search_forwards_the_signal_to_the_workers_it_started(tmp_path):
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'study.db'}")
     # SIGINT at its default in the worker, whatever this test process inherited (a shell runs background jobs with
-    # SIGINT ignored, and an ignored signal stays ignored across exec)
-    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
-                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # SIGINT ignored, and an ignored signal stays ignored across exec). The signal is sent only once the worker says it
+    # is up: a SIGINT while Python is still importing `site` is a fatal init error (exit 1), not a signal death (CI saw it)
+    worker = subprocess.Popen([sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
+        assert worker.stdout.readline().strip() == b"ready"
         with pytest.raises(guard.Interrupted):
             with guard.stopping(study, tmp_path, [worker]):
                 raise guard.Interrupted(signal.SIGINT)
