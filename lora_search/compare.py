@@ -96,7 +96,12 @@ def study_row(folder: Path) -> tuple[list, dict]:
     study = load(folder, sweep)
     trials = study.get_trials(deepcopy=False) if study else []
     states = [t.state for t in trials]
-    best = study.best_trial if optuna.trial.TrialState.COMPLETE in states else None
+    best = None
+    if optuna.trial.TrialState.COMPLETE in states and len(study.directions) == 1:  # several objectives: no one best
+        try:
+            best = study.best_trial
+        except ValueError:  # every complete trial over the memory budget
+            best = None
     spent = [t.duration.total_seconds() for t in trials if t.duration is not None]
     if isinstance(full.get("wall_s"), (int, float)):
         spent.append(full["wall_s"])

@@ -231,12 +231,19 @@ def to_run_config(cfg, overrides: list[str] = ()) -> schema.RunConfig:
 
     A mapping given on the command line (`sweep.sampler={type: random}`) replaces the key's value whole: Hydra
     merges it into the sweep file's mapping, so it is set again here as given. sweep.direction=auto becomes the
-    metric's direction.
+    metric's direction; with sweep.objectives, sweep.metric becomes its first quality metric.
     """
     with open_dict(cfg):  # a key inside a replaced mapping may be new to it
         for key, value in mapping_overrides(list(overrides)):
             OmegaConf.update(cfg, key, value, merge=False)
     run = OmegaConf.to_object(cfg)
+    if run.sweep.objectives:  # several objectives: sweep.metric follows the first quality one (pareto.primary)
+        from lora_search import pareto
+
+        run.sweep.objectives = pareto.normalize(run.sweep.objectives)
+        lead = pareto.primary(run.sweep.objectives)
+        if lead:
+            run.sweep.metric, run.sweep.direction = lead["metric"], lead.get("direction", "auto")
     if run.sweep.direction == "auto" and run.sweep.metric in schema.METRIC_DIRECTIONS:
         run.sweep.direction = schema.METRIC_DIRECTIONS[run.sweep.metric]
     return run

@@ -49,10 +49,10 @@ def worker_env(index: int, workers: int) -> dict:
 def spawn(overrides: list[str], workers: int, log_dir: Path) -> list[subprocess.Popen]:
     """Start workers 1..N-1 running the search stage with the same overrides; this process is worker 0."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    keep = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") in ("stage", "sweep.workers")]
+    keep = [o for o in overrides if not o.split("=", 1)[0].lstrip("+~") in ("stage", "sweep.workers", "worker")]
     procs = []
-    for index in range(1, workers):
-        cmd = [sys.executable, "-m", "lora_search", *keep, "stage=search", "sweep.workers=1"]
+    for index in range(1, workers):  # worker=<index>: its own sampler seed (samplers.sampler_kwargs)
+        cmd = [sys.executable, "-m", "lora_search", *keep, "stage=search", "sweep.workers=1", f"worker={index}"]
         out = open(log_dir / f"worker{index}.log", "w")
         procs.append(subprocess.Popen(cmd, env=worker_env(index, workers), stdout=out, stderr=subprocess.STDOUT))
         log.info("started worker %d (pid %d), log %s", index, procs[-1].pid, out.name)

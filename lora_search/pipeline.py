@@ -11,7 +11,7 @@ import logging
 import time
 from collections import OrderedDict
 
-from lora_search import adapters, guard, hardware, models, records, report, runs, tracking
+from lora_search import adapters, feasible, guard, hardware, models, records, report, runs, tracking
 from lora_search import trial as space_lib
 from lora_search.promote import config_id, load_best, promote_stage
 from lora_search.schema import RunConfig
@@ -89,21 +89,27 @@ def preflight_sweep(cfg: RunConfig) -> None:
     every model it can pick)."""
     validate(cfg)
     check_sweep(cfg)
-    metas: dict = {}
+    metas, archs = {}, {}
     trial_cfg = space_lib.trial_base(cfg)
+    feasible.budget_mb(cfg)  # auto: the free memory now, before any base loads
+    over = []  # per model/quantization the space can pick: a budget below the base's own weights fits nothing
     for corner in [{}] + space_lib.corners(cfg.sweep.space):
-        if corner and not any(k.startswith(("lora.", "model.")) for k in corner):
+        if corner and not any(k.startswith(("lora.", "model.", "quant.")) for k in corner):
             continue
         corner_cfg = space_lib.apply(trial_cfg, corner)
         key = repr(corner_cfg.model)
         if key not in metas:
-            metas[key] = models.meta_model(models.architecture(corner_cfg.model, cfg.cache_dir))
+            archs[key] = models.architecture(corner_cfg.model, cfg.cache_dir)
+            metas[key] = models.meta_model(archs[key])
+        over.append(feasible.base_problem(corner_cfg, archs[key]))
         adapters.check_targets(corner_cfg.lora, corner_cfg.model, metas[key])
         if corner_cfg.trainer.init_adapter:
             start = init_adapter_dir(corner_cfg.trainer.init_adapter, corner_cfg.results_dir)[0]
             problems = adapters.check_start(start, metas[key])
             if problems:
                 raise ConfigError(problems)
+    if over and all(over):  # every base the space can pick is over the budget (one line: the composed one's)
+        raise ConfigError(over[0])
 
 
 def _stage_done(out, stage: str, cid: str) -> bool:

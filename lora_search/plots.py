@@ -27,6 +27,8 @@ SEED = 0  # fANOVA's random forest
 MIN_PED_ANOVA_TOP = 5  # PED-ANOVA's docs: at least 5 trials in the top quantile for a stable estimate
 # file stem -> (alt text, caption; {metric} is the objective)
 PLOTS = {
+    "pareto": ("Pareto front", "every complete trial by its objectives; the front's trials (none better on every "
+               "objective) are highlighted, the promoted one is chosen from them by the promotion rule."),
     "history": ("Optimization history", "{metric} of every complete trial, and the best so far."),
     "importances": ("Parameter importances", "how much each parameter matters for {metric} ({method})."),
     "intermediate": ("Intermediate values", "{metric} at each evaluation step of every trial; a line marked "
@@ -61,9 +63,28 @@ def _evaluator(method: str, n_complete: int):
     return optuna.importance.PedAnovaImportanceEvaluator(target_quantile=_ped_anova_quantile(n_complete))
 
 
-def _complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+def _index(study: optuna.Study, metric: str | None) -> int | None:
+    """The position of metric among a multi-objective study's values (None: a single-objective study)."""
+    if len(study.directions) == 1:
+        return None
+    names = list(study.metric_names or [])
+    return names.index(metric) if metric in names else 0
+
+
+def _target(study: optuna.Study, metric: str | None):
+    """Optuna's `target` for plots and importances: that objective's value (None for a single objective)."""
+    i = _index(study, metric)
+    return None if i is None else (lambda t: t.values[i])
+
+
+def _value(t, i: int | None):
+    return t.value if i is None else t.values[i]
+
+
+def _complete(study: optuna.Study, metric: str | None = None) -> list[optuna.trial.FrozenTrial]:
     trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return [t for t in trials if t.value is not None and math.isfinite(t.value)]
+    i = _index(study, metric)
+    return [t for t in trials if t.values is not None and math.isfinite(_value(t, i))]
 
 
 def _varying(trials) -> list[str]:
@@ -71,16 +92,19 @@ def _varying(trials) -> list[str]:
     return [k for k in keys if len({repr(t.params.get(k)) for t in trials}) > 1]
 
 
-def importances(study: optuna.Study) -> dict[str, float]:
-    """Each parameter's share of importance (summing to 1, largest first); {} when it cannot be estimated."""
-    trials = _complete(study)
-    if len(trials) < 2 or not _varying(trials) or len({t.value for t in trials}) < 2:
+def importances(study: optuna.Study, metric: str | None = None) -> dict[str, float]:
+    """Each parameter's share of importance for metric (summing to 1, largest first; with several objectives,
+    metric's, default the first); {} when it cannot be estimated."""
+    trials = _complete(study, metric)
+    i = _index(study, metric)
+    if len(trials) < 2 or not _varying(trials) or len({_value(t, i) for t in trials}) < 2:
         return {}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             raw = optuna.importance.get_param_importances(
-                study, evaluator=_evaluator(importance_method(), len(trials)), normalize=False)
+                study, evaluator=_evaluator(importance_method(), len(trials)), normalize=False,
+                target=_target(study, metric))
     except Exception as e:  # a report never fails on its importances
         log.info("parameter importances skipped: %s: %s", type(e).__name__, e)
         return {}
@@ -123,11 +147,20 @@ def importance_sentence(importances: dict[str, float], metric: str, method: str 
 def summary(study: optuna.Study, metric: str) -> dict:
     """Headline numbers of a study: counts by state, best value and params, importances."""
     states = [t.state for t in study.get_trials(deepcopy=False)]
-    complete = _complete(study)
-    best = study.best_trial if complete else None
-    shares = importances(study)
+    complete = _complete(study, metric)
+    several = len(study.directions) > 1
+    best = None
+    if complete and not several:
+        try:
+            best = study.best_trial
+        except ValueError:  # no feasible trial (all over the memory budget)
+            best = None
+    shares = importances(study, metric)
+    front = {"objectives": list(study.metric_names or []), "pareto_front": [t.number for t in study.best_trials]} \
+        if several else {}
     return {
-        "metric": metric, "direction": study.direction.name.lower(), "trials": len(states),
+        **front,
+        "metric": metric, "direction": ",".join(d.name.lower() for d in study.directions), "trials": len(states),
         "complete": states.count(TrialState.COMPLETE), "pruned": states.count(TrialState.PRUNED),
         "failed": states.count(TrialState.FAIL), "running": states.count(TrialState.RUNNING),
         "best_trial": best.number if best else None, "best_value": best.value if best else None,
@@ -182,18 +215,29 @@ def _drawers(study: optuna.Study, metric: str, shares: dict, method: str, n_comp
         _mark_pruned(ax, study)
         return ax
 
+    target = _target(study, metric)
+
     def rank_lr():
-        ax = vm.plot_rank(study, params=list(RANK_LR), target_name=metric)
+        ax = vm.plot_rank(study, params=list(RANK_LR), target=target, target_name=metric)
         ax.set_title(f"LoRA rank x learning rate (colour: {metric}, by rank)")
         _log2_axis(ax, [t.params[RANK_LR[0]] for t in _complete(study) if RANK_LR[0] in t.params])
         return ax
 
+    several = len(study.directions) > 1
+
+    def pareto():
+        names = list(study.metric_names or [])
+        if len(names) <= 3:
+            return vm.plot_pareto_front(study, target_names=names)
+        return vm.plot_pareto_front(study, target_names=names[:2], targets=lambda t: tuple(t.values[:2]))
+
     return {
-        "history": (lambda: vm.plot_optimization_history(study, target_name=metric)) if enough else None,
+        "pareto": pareto if several and n_complete >= 1 else None,
+        "history": (lambda: vm.plot_optimization_history(study, target=target, target_name=metric)) if enough else None,
         "importances": (lambda: vm.plot_param_importances(
-            study, evaluator=_evaluator(method, n_complete), target_name=metric)) if shares else None,
+            study, evaluator=_evaluator(method, n_complete), target=target, target_name=metric)) if shares else None,
         "intermediate": intermediate if len(with_steps) >= 2 else None,
-        "parallel": (lambda: vm.plot_parallel_coordinate(study, target_name=metric)) if enough else None,
+        "parallel": (lambda: vm.plot_parallel_coordinate(study, target=target, target_name=metric)) if enough else None,
         "rank_lr": rank_lr if enough and set(RANK_LR) <= names else None,
     }
 
@@ -209,8 +253,8 @@ def write_plots(study: optuna.Study, cfg, out: Path) -> dict[str, Path]:
     metric = cfg.sweep.metric
     folder = Path(out) / "plots"
     folder.mkdir(parents=True, exist_ok=True)
-    n_complete = len(_complete(study))
-    shares = importances(study)
+    n_complete = len(_complete(study, metric))
+    shares = importances(study, metric)
     drawn = {}
     for name, draw in _drawers(study, metric, shares, importance_method(), n_complete).items():
         path = folder / f"{name}.png"

@@ -55,8 +55,9 @@ class PruningCallback(TrainerCallback):
     """
 
     def __init__(self, trial: optuna.trial.BaseTrial, metric: str = "eval_loss", maximize: bool = False,
-                 pruner=None):
+                 pruner=None, report: bool = True):
         self.trial = trial
+        self.report = report  # False in a multi-objective study: Optuna's pruners cannot read it (evals recorded only)
         self.metric = metric
         higher_is_better = metric in HIGHER_IS_BETTER
         self.sign = 1.0 if maximize == higher_is_better else -1.0
@@ -70,7 +71,7 @@ class PruningCallback(TrainerCallback):
         from transformers.trainer_utils import IntervalStrategy
 
         steps = None if args.eval_strategy == IntervalStrategy.NO else decision_steps(self.pruner, state.max_steps)
-        self.eval_at = set(steps) if steps else None
+        self.eval_at = set(steps) if steps and self.report else None
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.eval_at is None or not self.active:
@@ -99,6 +100,8 @@ class PruningCallback(TrainerCallback):
         if not math.isfinite(value):
             raise TrialStopped(f"diverged: {self.metric} {value} at step {step}", step)
         self.intermediate.append((step, value))
+        if not self.report:
+            return
         self.trial.report(self.sign * value, step)
         if self.trial.should_prune():
             raise TrialStopped(f"pruned by the pruner at step {step} ({self.metric} {value:.4f})", step)

@@ -64,9 +64,10 @@ def masked(node):
     return secrets.mask(node) if isinstance(node, str) else node
 
 
-def write_config(path: Path, cfg) -> None:
-    """The resolved config as YAML."""
-    write_text(path, OmegaConf.to_yaml(OmegaConf.create(config_dict(cfg))))
+def write_config(path: Path, cfg, header: str = "") -> None:
+    """The resolved config as YAML (after `header`'s lines as comments)."""
+    comments = "".join(f"# {line}\n" for line in header.splitlines())
+    write_text(path, comments + OmegaConf.to_yaml(OmegaConf.create(config_dict(cfg))))
 
 
 def write_status(run_dir: Path, status: str, reason: str | None = None, **extra) -> None:

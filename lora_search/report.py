@@ -33,22 +33,52 @@ def table(header: list[str], rows: list[list]) -> str:
 
 
 def trial_rows(study: optuna.Study, metric: str) -> tuple[list[str], list[list]]:
-    """One row per trial: number, state, params, metric, exact match, steps, seconds, reason."""
+    """One row per trial: number, state, params, the objective(s), exact match, peak memory, steps, seconds, reason."""
     trials = study.get_trials(deepcopy=False)
     keys = sorted({k for t in trials for k in t.params})
+    names = list(study.metric_names or []) if len(study.directions) > 1 else [metric]
     # a DPO study: its trials' preference measures; otherwise exact match
-    extra = [k for k in ("reward_accuracy", "preference_accuracy") if k != metric and any(k in t.user_attrs for t in trials)] \
-        or ["exact_match"]
-    header = ["#", "state", *[k.split(".")[-1] for k in keys], metric, *[k.replace("_", " ") for k in extra], "steps",
+    extra = [k for k in ("reward_accuracy", "preference_accuracy") if k not in names and
+             any(k in t.user_attrs for t in trials)] or [k for k in ["exact_match"] if k not in names]
+    if any(t.user_attrs.get("memory_budget_mb") for t in trials):  # a memory-aware study: estimate vs measured
+        extra += [k for k in ("estimated_memory_mb", "peak_memory_mb") if k not in names]
+    header = ["#", "state", *[k.split(".")[-1] for k in keys], *names, *[k.replace("_", " ") for k in extra], "steps",
               "s", "reason"]
     rows = []
     for t in trials:
         attrs = t.user_attrs
         steps = attrs.get("steps") or (t.last_step if t.state == optuna.trial.TrialState.PRUNED else None)
         seconds = t.duration.total_seconds() if t.duration else attrs.get("wall_s")
-        rows.append([t.number, t.state.name.lower(), *[t.params.get(k) for k in keys], t.value,
-                     *[attrs.get(k) for k in extra], steps, seconds, attrs.get("reason", "")])
+        state = attrs.get("status") if attrs.get("status") == "infeasible" else t.state.name.lower()
+        reason = attrs.get("reason") or attrs.get("over_budget") or ""
+        rows.append([t.number, state, *[t.params.get(k) for k in keys], *(t.values or [None] * len(names)),
+                     *[attrs.get(k) for k in extra], steps, seconds, reason])
     return header, rows
+
+
+def _front_section(study: optuna.Study, best: dict | None) -> list[str]:
+    """The Pareto front's trials, and the promotion rule's verdict on each (from best.json)."""
+    if len(study.directions) < 2:
+        if best and best.get("selection", {}).get("candidates"):
+            sel = best["selection"]
+            rows = [[c["trial"], *c["values"].values(), c["outcome"]] for c in sel["candidates"]]
+            return ["## Promotion rule", "", f"Chosen: #{sel['chosen']}, {sel['rule_text']}.", "",
+                    table(["#", *sel["candidates"][0]["values"], "outcome"], rows), ""]
+        return []
+    names = list(study.metric_names or [])
+    sel = (best or {}).get("selection") or {}
+    verdict = {c["trial"]: c["outcome"] for c in sel.get("front", [])}
+    front = sorted(study.best_trials, key=lambda t: t.number)
+    rows = [[t.number, *t.values, ", ".join(f"{k.split('.')[-1]}={_cell(v)}" for k, v in t.params.items()),
+             verdict.get(t.number, "")] for t in front]
+    lines = ["## Pareto front", "",
+             f"{len(front)} trial(s) no other trial beats on every objective ({', '.join(names)}); trials over the "
+             "memory budget are left out. Optuna's pruners are single-objective, so no trial of this study was "
+             "pruned by a pruner (a diverging one still stops).", ""]
+    if sel:
+        rule = "`sweep.promotion.select`" if sel.get("rule") else "the default rule (no `sweep.promotion.select`)"
+        lines += [f"Promoted: #{sel['chosen']}, chosen by {rule}: {sel['rule_text']}.", ""]
+    return lines + [table(["#", *names, "params", "promotion"], rows), ""]
 
 
 def _benchmark_section(bench: dict) -> list[str]:
@@ -81,19 +111,26 @@ def _search_sections(shares: dict, drawn: dict, metric: str, n_complete: int) ->
 def write_report(study: optuna.Study, cfg, out: Path, title: str | None = None, preface: list[str] = ()) -> Path:
     """Write report.md, report.html and plots/ for a study folder (a night's sections first when given)."""
     s = cfg.sweep
-    states = [t.state.name.lower() for t in study.get_trials(deepcopy=False)]
-    shares, drawn = plots.importances(study), plots.write_plots(study, cfg, out)
+    states = ["infeasible" if t.user_attrs.get("status") == "infeasible" else t.state.name.lower()
+              for t in study.get_trials(deepcopy=False)]
+    shares, drawn = plots.importances(study, cfg.sweep.metric), plots.write_plots(study, cfg, out)
     n_complete = states.count("complete")
-    counts = ", ".join(f"{states.count(k)} {k}" for k in ("complete", "pruned", "fail", "running") if k in states)
+    counts = ", ".join(f"{states.count(k)} {k}" for k in ("complete", "pruned", "infeasible", "fail", "running")
+                      if k in states)
     title = title or f"Study `{s.name}`"
+    several = len(study.directions) > 1
+    objective = (f"objectives: {', '.join(f'{d.name.lower()} `{m}`' for d, m in zip(study.directions, study.metric_names or []))}"
+                 if several else f"objective: {s.direction} `{s.metric}`")
+    budget = f"; memory budget {_cell(s.memory_budget_mb)} MB" if s.memory_budget_mb is not None else ""
     lines = [f"# {title}", "", *preface,
-             f"Model `{cfg.model.name}`, data `{cfg.data.name}`, quantization `{cfg.quant.name}`; objective: "
-             f"{s.direction} `{s.metric}`; sampler {_kind(s.sampler)}, pruner {_kind(s.pruner)}.", "",
-             f"**What mattered.** {plots.importance_sentence(shares, s.metric, n_complete=n_complete)}", "",
+             f"Model `{cfg.model.name}`, data `{cfg.data.name}`, quantization `{cfg.quant.name}`; {objective}; "
+             f"sampler {_kind(s.sampler)}, pruner {'none (several objectives)' if several else _kind(s.pruner)}{budget}.",
+             "", f"**What mattered.** {plots.importance_sentence(shares, s.metric, n_complete=n_complete)}", "",
              f"## Trials ({len(states)}: {counts})", ""]
     header, rows = trial_rows(study, s.metric)
     lines += [table(header, rows), ""]
     best = records.read_json(out / "best.json")
+    lines += _front_section(study, best)
     if best:
         params = ", ".join(f"`{k}={v}`" for k, v in best["params"].items())
         lines += [f"## Best trial: #{best['trial']}", "", f"{s.metric} {best['value']:.4f} with {params}.", ""]

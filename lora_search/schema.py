@@ -161,8 +161,16 @@ METRIC_DIRECTIONS = {"eval_loss": "minimize", "perplexity": "minimize", "exact_m
                      "train_tokens_per_s": "maximize",
                      # trainer=dpo: the eval pairs' reward accuracy and margin (TRL's, against the reference), and
                      # the preference accuracy (chosen log-probability above rejected, the tuned model alone)
-                     "reward_accuracy": "maximize", "reward_margin": "maximize", "preference_accuracy": "maximize"}
+                     "reward_accuracy": "maximize", "reward_margin": "maximize", "preference_accuracy": "maximize",
+                     # costs, for sweep.objectives next to a quality metric: the adapter's trainable parameters and
+                     # its size (fp32 tensors, as saved), the trial's peak memory (hardware.PeakMemory) and seconds
+                     # per optimizer step
+                     "trainable_params": "minimize", "adapter_mb": "minimize", "peak_memory_mb": "minimize",
+                     "step_s": "minimize"}
 PREFERENCE_METRICS = ("reward_accuracy", "reward_margin", "preference_accuracy")
+# What a trial's quality is measured by (the others are costs): the metric pruning and the single-objective paths read
+QUALITY_METRICS = ("eval_loss", "perplexity", "exact_match") + PREFERENCE_METRICS
+COST_METRICS = ("trainable_params", "adapter_mb", "peak_memory_mb", "train_tokens_per_s", "step_s")
 
 
 @dataclass
@@ -171,11 +179,23 @@ class SweepConfig:
     n_trials: int = 8  # finished (complete or pruned) trials the study needs, across all runs and workers
     timeout_s: Optional[float] = None  # wall-clock budget for the search in this invocation
     metric: str = "eval_loss"  # the objective: a key of a trial's metrics (eval_loss, exact_match, perplexity)
+    # Several objectives (an Optuna multi-objective study; its Pareto front): [{metric: eval_loss}, {metric:
+    # trainable_params, direction: minimize}] or [eval_loss, adapter_mb]; each from METRIC_DIRECTIONS, its direction
+    # the metric's own unless stated (a contrary one is refused). When given, sweep.metric becomes its first quality
+    # metric (what the trials' periodic evals measure). Optuna's pruners are single-objective: none prunes here.
+    objectives: List[Any] = field(default_factory=list)
+    # Memory per trial, MB: a number, or auto (the device's free memory when the sweep starts: free GPU memory, CPU RAM
+    # available plus this process's own). A configuration whose estimated peak (memory.estimate) is over it is not
+    # trained: it is recorded infeasible (Optuna's constraint) and does not count toward n_trials; one that runs out
+    # of memory anyway is recorded the same way and scales the estimates up for the rest of the study. null: no budget.
+    memory_budget_mb: Any = None
     # auto: the metric's own direction (METRIC_DIRECTIONS); an explicit direction against it is refused
     direction: str = "auto"  # auto | minimize | maximize
     # The sampler and pruner: a name (sweep.sampler=random) or {type: name, **constructor kwargs}. A mapping in a
     # sweep file or on the command line replaces the default whole (nothing merged in: no seed unless it says so).
-    sampler: Any = "tpe"  # tpe | random | grid | cmaes
+    # gp (Optuna's Gaussian-process sampler) | nsgaii (several objectives). Each worker's sampler gets seed + its
+    # worker index, and TPE's constant liar is on, so workers started together do not sample the same configuration.
+    sampler: Any = "tpe"  # tpe | random | grid | cmaes | gp | nsgaii
     pruner: Any = "median"  # median | successive_halving | hyperband | none
     # metric=exact_match: eval items each trial answers by greedy generation (its cost is the trial's exact_match_s);
     # other metrics generate nothing in trials. sweep.trial's trainer.exact_match_items, when given, wins.
@@ -186,7 +206,10 @@ class SweepConfig:
     space: Dict[str, Any] = field(default_factory=dict)  # dotted config key -> {type, low, high, log, step, choices}
     enqueue: List[Dict[str, Any]] = field(default_factory=list)  # trials to run first: {dotted key: value}
     trial: Dict[str, Any] = field(default_factory=dict)  # dotted overrides for the short trials
-    promotion: Dict[str, Any] = field(default_factory=dict)  # dotted overrides for the full run of the best
+    # Dotted overrides for the full run of the promoted trial; its `select` entry, if any, is the promotion rule
+    # that picks that trial (pareto.py): {metric: eval_loss, within: 0.02, then: {metric: trainable_params}} = the
+    # smallest adapter within 2% of the best loss. Default: the best trial (several objectives: best on the first).
+    promotion: Dict[str, Any] = field(default_factory=dict)
     # An SQLAlchemy URL for Optuna; default $LORA_SEARCH_STORAGE, else sqlite:///results/<name>/study.db. A password
     # given here on the command line is moved to $LORA_SEARCH_STORAGE and masked in everything written.
     storage: Optional[str] = None

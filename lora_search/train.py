@@ -48,6 +48,12 @@ def trained_on(worker: Worker) -> dict:
             "train_rows": len(worker.data.train), "eval_data_rows": len(worker.data.eval)}
 
 
+def adapter_mb(peft_model) -> float:
+    """The trained adapter's size in MB: its trainable tensors as save_pretrained writes them (TRL's frozen
+    reference copy, if any, left out)."""
+    return sum(p.numel() * p.element_size() for p in peft_model.parameters() if p.requires_grad) / 2**20
+
+
 def _release(worker: Worker, trainer, peft_model) -> None:
     """Free the trainer's accelerator state and take the adapter off the worker's base (the caller then drops
     its references and collects)."""
@@ -201,7 +207,9 @@ def _train(worker: Worker, cfg: RunConfig, out_dir: Path, callbacks, report_to, 
             "train_step_s": timer.seconds,
             "train_tokens_per_s": tokens / timer.seconds if timer.seconds else None,
             "peak_memory_mb": round(peak.peak_mb, 1),
+            "step_s": timer.seconds / trainer.state.global_step if trainer.state.global_step else None,
             "trainable_params": trainable,
+            "adapter_mb": adapter_mb(peft_model),
             "total_params": total,
             "setup_s": setup_s,
             "train_loop_s": loop_s,  # trainer.train(): optimizer steps + periodic evals + the rest

@@ -109,7 +109,8 @@ def check_space(space: dict) -> list[str]:
 def trial_base(cfg: RunConfig) -> RunConfig:
     """The config every trial starts from: the composed config, then sweep.trial. Trials generate answers for
     exact match only when it is the objective (sweep.exact_match_items of them) unless sweep.trial says otherwise."""
-    items = cfg.sweep.exact_match_items if cfg.sweep.metric == "exact_match" else 0
+    wanted = [cfg.sweep.metric] + [o.get("metric") if isinstance(o, dict) else o for o in cfg.sweep.objectives]
+    items = cfg.sweep.exact_match_items if "exact_match" in wanted else 0
     return apply(cfg, {"trainer.exact_match_items": items, **dict(cfg.sweep.trial)})
 
 

@@ -113,7 +113,7 @@ CASES = [
     ("unknown-metric", ["sweep.metric=accuracy"], "sweep.metric must be one of eval_loss, perplexity, exact_match"),
     ("unknown-direction", ["sweep.direction=up"], "sweep.direction must be auto (the metric's), minimize or maximize; got 'up'"),
     ("negative-timeout", ["sweep.timeout_s=-1"], "sweep.timeout_s must be positive or null, got -1"),
-    ("unknown-sampler", ["sweep.sampler=bayes"], "sweep.sampler.type must be one of tpe, random, grid, cmaes; got 'bayes'"),
+    ("unknown-sampler", ["sweep.sampler=bayes"], "sweep.sampler.type must be one of tpe, random, grid, cmaes, gp, nsgaii; got 'bayes'"),
     ("unknown-sampler-argument", ["sweep.sampler={type: tpe, n_startup: 3}"], "sweep.sampler (tpe):"),
     ("unknown-pruner-argument", ["sweep.pruner={type: median, patience: 3}"], "sweep.pruner (median):"),
     ("grid-over-a-float", ["sweep.sampler=grid"], "grid needs categorical entries"),
@@ -151,6 +151,15 @@ CASES = [
      "sweep.metric=reward_accuracy is measured on preference pairs by trainer=dpo"),
     ("dpo-init-adapter-not-found", ["sweep=dpo_beta", "trainer.init_adapter=nosuch"],
      "trainer.init_adapter: 'nosuch' is neither an adapter folder"),
+    ('objective-unknown-metric', ['sweep.objectives=[eval_loss,accuracy]'], 'sweep.objectives[1].metric must be one of eval_loss'),
+    ('objective-direction-contradicts-metric', ['sweep.objectives=[{metric: eval_loss, direction: maximize},trainable_params]'], 'sweep.objectives[0].direction=maximize contradicts eval_loss, which is minimized'),
+    ('objectives-costs-only', ['sweep.objectives=[trainable_params,adapter_mb]'], 'sweep.objectives has costs only'),
+    ('cost-as-the-only-metric', ['sweep.metric=trainable_params'], 'sweep.metric=trainable_params is a cost'),
+    ('select-names-a-non-objective', ['sweep=rank_lr_pareto', '++sweep.promotion.select={metric: exact_match}'], 'sweep.promotion.select.metric=exact_match is not an objective of this study'),
+    ('select-within-not-a-fraction', ['sweep=rank_lr_pareto', '++sweep.promotion.select={metric: eval_loss, within: 2, then: {metric: trainable_params}}'], 'sweep.promotion.select.within must be a fraction of the best value in [0, 1)'),
+    ('cmaes-with-several-objectives', ['sweep=rank_lr_pareto', 'sweep.sampler=cmaes'], 'sweep.sampler=cmaes optimizes one objective'),
+    ('memory-budget-not-a-number', ['sweep.memory_budget_mb=lots'], 'sweep.memory_budget_mb must be a positive number of MB, auto'),
+    ('memory-budget-below-the-base-model', ['sweep.memory_budget_mb=0.01'], "is below the base model's own weights"),
 ]
 
 

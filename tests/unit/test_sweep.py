@@ -51,7 +51,7 @@ def test_suggest_samples_every_distribution_type():
         ("++sweep.space={trainer.learning_rate: {type: float, low: 0, high: 1, log: true}}", "a log scale needs low > 0"),
         ("++sweep.space={lora.targets: {type: categorical, choices: [qv, everything]}}", "lora.targets: unknown preset 'everything'"),
         ("++sweep.space={lora.use_dora: {type: normal, mean: 8}}", "must be a distribution with type float, int or categorical; got 'normal'"),
-        ("sweep.sampler={type: bayes}", "sweep.sampler.type must be one of tpe, random, grid, cmaes; got 'bayes'"),
+        ("sweep.sampler={type: bayes}", "sweep.sampler.type must be one of tpe, random, grid, cmaes, gp, nsgaii; got 'bayes'"),
         ("++sweep.pruner={type: median, patience: 3}", "sweep.pruner (median):"),
         ("sweep.sampler=grid", "grid needs categorical entries"),
         ("sweep.metric=accuracy", "sweep.metric must be one of eval_loss, perplexity, exact_match"),
