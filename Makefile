@@ -55,6 +55,8 @@ bench: setup
 	$(PY) benchmarks/throughput.py
 	$(PY) benchmarks/pruning.py
 	$(PY) benchmarks/dpo_sweep.py
+	$(PY) benchmarks/pareto_sweep.py
+	$(PY) benchmarks/memory_estimate.py
 	$(PY) benchmarks/readme_section.py --update README.md
 
 clean-cache:

@@ -27,6 +27,8 @@ TITLES = {
     "throughput": "Training throughput",
     "pruning": "The same sweep with and without pruning",
     "dpo_sweep": "Preference tuning end to end (`sweep=dpo_beta`)",
+    "pareto_sweep": "Quality and cost together (`sweep=rank_lr_pareto`)",
+    "memory_estimate": "The memory estimator against measured peaks",
 }
 LABELS = {"handwritten": "hand-written Optuna + TRL recipe", "lora_search": "lora_search",
           "hf_search": "transformers `hyperparameter_search`"}
@@ -192,6 +194,21 @@ def render_dpo_sweep(rec: dict) -> list[str]:
             + f"; best {best}."]
 
 
+def render_pareto_sweep(rec: dict) -> list[str]:
+    """The two-objective sweep: its front, the rule's choice against the lowest loss, the time and the lift."""
+    chosen, lowest = rec.get("chosen") or {}, rec.get("lowest_loss") or {}
+    em = [rec.get("base_exact_match"), rec.get("tuned_exact_match")]
+    lift = f"exact match {_num(100 * em[0], '.1f')}% -> {_num(100 * em[1], '.1f')}%; " if None not in em else ""
+    return [f"`{rec.get('command', 'sweep=rank_lr_pareto').strip()}`: objectives {', '.join(rec.get('objectives', []))}; "
+            f"trials: " + ", ".join(f"{n} {state}" for state, n in (rec.get("trials") or {}).items())
+            + f"; Pareto front {', '.join('#' + str(c['trial']) for c in rec.get('front') or [])}. The rule "
+            f"({rec.get('rule')}) chose #{chosen.get('trial')}: {_num(rec.get('params_saved_x'))}x fewer trainable "
+            f"parameters than the lowest-loss #{lowest.get('trial')} for {_num(rec.get('loss_given_up_pct'), '+.1f')}% "
+            f"eval loss. {lift}{_num(rec.get('wall_s', 0) / 60)} min end to end (target "
+            f"{_num(rec.get('target_s', 0) / 60, '.0f')} min: {_met(rec.get('within_time'))}); memory estimate vs "
+            f"measured peak, worst trial: {_num(100 * (rec.get('memory_estimate_max_error') or 0), '.0f')}% off."]
+
+
 def render_generic(rec: dict) -> list[str]:
     """A record of a kind not known here: its top-level figures as a table."""
     rows = _flat(rec)[:30]
@@ -240,7 +257,8 @@ def render_throughput(rec: dict) -> list[str]:
 
 
 RENDERERS = {"load_time": render_load_time, "peer_sweep": render_peer_sweep, "overhead": render_overhead,
-             "pruning": render_pruning, "throughput": render_throughput, "dpo_sweep": render_dpo_sweep}
+             "pruning": render_pruning, "throughput": render_throughput, "dpo_sweep": render_dpo_sweep,
+             "pareto_sweep": render_pareto_sweep}
 
 
 def render(records: list[dict], problems: list[str] = (), heading: str = "## Performance") -> str:

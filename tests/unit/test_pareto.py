@@ -208,3 +208,25 @@ def test_promote_reads_the_primary_objective_of_a_multi_objective_trial(make_cfg
     cfg = make_cfg("sweep=rank_lr_pareto")
     t = create_trial(values=[0.3, 1000.0])
     assert promote.primary_value(cfg, t) == 0.3
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["sweep=nightly", "sweep.objectives=[eval_loss,trainable_params]"], "sweep.nightly crowns a champion by one metric"),
+    (["sweep.objectives=[eval_loss,eval_loss]"], "sweep.objectives[1]: eval_loss is named twice"),
+    (["sweep.objectives=[{metric: eval_loss, weight: 2}]"], "sweep.objectives[0] must be a metric name or"),
+    (["sweep.memory_budget_mb=-5"], "sweep.memory_budget_mb must be a positive number of MB, auto"),
+])
+def test_objective_and_budget_settings_that_cannot_work_are_refused(make_cfg, overrides, expected):
+    from lora_search.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        study_lib.check_sweep(make_cfg(*overrides))
+    assert len(info.value.problems) == 1 and expected in info.value.problems[0], info.value.problems
+
+
+def test_with_several_objectives_sweep_metric_follows_the_first_quality_one(make_cfg):
+    cfg = make_cfg("sweep.objectives=[trainable_params,{metric: exact_match},peak_memory_mb]")
+    assert (cfg.sweep.metric, cfg.sweep.direction) == ("exact_match", "maximize")
+    assert study_lib.objective_list(cfg) == [("trainable_params", "minimize"), ("exact_match", "maximize"),
+                                            ("peak_memory_mb", "minimize")]
+    assert space_lib.trial_base(cfg).trainer.exact_match_items == cfg.sweep.exact_match_items  # answers generated
