@@ -105,6 +105,26 @@ class Stopwatch:
         return False
 
 
+@contextlib.contextmanager
+def cli_sweep(sweep: str, extra: list[str]):
+    """Run `python -m lora_search sweep=<sweep> *extra` as a user does, in a fresh results folder; yield (seconds,
+    the study's folder, the study). SystemExit with the tail of stderr when it fails."""
+    import subprocess
+    import tempfile
+
+    import optuna
+
+    with tempfile.TemporaryDirectory(prefix=f"lora-search-{sweep}-") as tmp:
+        cmd = [sys.executable, "-m", "lora_search", f"sweep={sweep}", f"results_dir={tmp}", *extra]
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if done.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} exited {done.returncode}:\n{done.stderr[-3000:]}")
+        out = Path(tmp) / sweep
+        yield wall, out, optuna.load_study(study_name=sweep, storage=f"sqlite:///{out / 'study.db'}")
+
+
 def median(values) -> float | None:
     """The median of the numbers given (None when there are none)."""
     values = [v for v in values if isinstance(v, (int, float))]

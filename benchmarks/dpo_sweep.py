@@ -9,10 +9,7 @@ Targets (issue 14): at most 15 minutes on the 2-core CPU, and at least +20 point
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -25,22 +22,12 @@ TARGET_S, TARGET_POINTS = 15 * 60, 20.0
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the sweep in a fresh results folder, write results/bench/dpo_sweep.json, return the record."""
-    import optuna
-
     from lora_search import records
 
     extra = list(sys.argv[1:] if argv is None else argv)
-    with tempfile.TemporaryDirectory(prefix="lora-search-dpo-") as tmp:
-        cmd = [sys.executable, "-m", "lora_search", "sweep=dpo_beta", f"results_dir={tmp}", *extra]
-        t0 = time.perf_counter()
-        done = subprocess.run(cmd, cwd=common.ROOT, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        if done.returncode != 0:
-            raise SystemExit(f"{' '.join(cmd)} exited {done.returncode}:\n{done.stderr[-3000:]}")
-        out = Path(tmp) / "dpo_beta"
+    with common.cli_sweep("dpo_beta", extra) as (wall, out, study):
         bench = records.read_json(out / "benchmark.json")
         full = records.read_json(out / "full" / "metrics.json")
-        study = optuna.load_study(study_name="dpo_beta", storage=f"sqlite:///{out / 'study.db'}")
         states = [t.state.name.lower() for t in study.trials]
         base, tuned = bench["base"], bench["tuned"]
         lift = 100 * (tuned["preference_accuracy"] - base["preference_accuracy"])

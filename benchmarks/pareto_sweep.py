@@ -11,10 +11,7 @@ exact match, and every trial's estimated against measured peak memory.
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -27,21 +24,11 @@ TARGET_S = 15 * 60
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the sweep in a fresh results folder, write results/bench/pareto_sweep.json, return the record."""
-    import optuna
-
     from lora_search import records
 
     extra = list(sys.argv[1:] if argv is None else argv)
-    with tempfile.TemporaryDirectory(prefix="lora-search-pareto-") as tmp:
-        cmd = [sys.executable, "-m", "lora_search", "sweep=rank_lr_pareto", f"results_dir={tmp}", *extra]
-        t0 = time.perf_counter()
-        done = subprocess.run(cmd, cwd=common.ROOT, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        if done.returncode != 0:
-            raise SystemExit(f"{' '.join(cmd)} exited {done.returncode}:\n{done.stderr[-3000:]}")
-        out = Path(tmp) / "rank_lr_pareto"
+    with common.cli_sweep("rank_lr_pareto", extra) as (wall, out, study):
         best, bench = records.read_json(out / "best.json"), records.read_json(out / "benchmark.json")
-        study = optuna.load_study(study_name="rank_lr_pareto", storage=f"sqlite:///{out / 'study.db'}")
         states = [t.user_attrs.get("status") or t.state.name.lower() for t in study.trials]
         front = best["selection"]["front"]
         lowest = min(front, key=lambda c: c["values"]["eval_loss"])

@@ -164,7 +164,7 @@ def objective_fn(cfg: RunConfig, get_worker):
         finally:
             _record(out, trial.number, params, trial_cfg, {**used, **memo, **metrics}, status, reason, callback)
             _set_attrs(trial, {**used, **memo, **metrics}, status, reason)
-            tracking.finish(run, {**metrics, "status": status, "reason": reason or ""}, tags=[status, reason],
+            tracking.finish(run, {**memo, **metrics, "status": status, "reason": reason or ""}, tags=[status, reason],
                             exit_code=0 if status != "failed" else 1)
         if reason:
             raise RuntimeError(reason)
