@@ -27,8 +27,8 @@ _resolved: dict = {}  # "auto" -> this process's budget, resolved once (before t
 class Infeasible(optuna.TrialPruned):
     """A trial not trained (predicted over the memory budget) or stopped by running out of memory."""
 
-    def __init__(self, reason: str):
-        self.reason = reason
+    def __init__(self, reason: str, figures: dict | None = None):
+        self.reason, self.figures = reason, figures or {}  # figures: the estimate, recorded with the trial
         super().__init__(reason)
 
 
@@ -105,7 +105,8 @@ def before_training(trial: optuna.Trial, cfg, estimator: Estimator) -> dict:
     if budget is not None and total > budget:
         trial.set_constraint(CONSTRAINT, total - budget)
         raise Infeasible(f"estimated peak memory {total:.0f} MB is over sweep.memory_budget_mb {budget:.0f} MB: not "
-                         f"trained ({est.describe()}{f'; x{scale:.2f} from trials that ran out' if scale != 1 else ''})")
+                         f"trained ({est.describe()}{f'; x{scale:.2f} from trials that ran out' if scale != 1 else ''})",
+                         figures)
     return figures
 
 
@@ -133,7 +134,7 @@ def out_of_memory(trial: optuna.Trial, figures: dict, error: BaseException) -> I
     elif estimated:
         trial.set_constraint(CONSTRAINT, 1.0)
     first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return Infeasible(f"out of memory ({type(error).__name__}: {first[:200]}); estimated {estimated} MB")
+    return Infeasible(f"out of memory ({type(error).__name__}: {first[:200]}); estimated {estimated} MB", figures)
 
 
 def _raise_scale(study: optuna.Study, figures: dict, needed_mb: float) -> None:

@@ -84,8 +84,9 @@ def _record(out: Path, number: int, params: dict, cfg: RunConfig, metrics: dict,
 
 def _set_attrs(trial: optuna.Trial, metrics: dict, status: str, reason: str | None) -> None:
     keep = ("eval_loss", "perplexity", "exact_match", "train_tokens_per_s", "peak_memory_mb", "trainable_params",
-            "adapter_mb", "step_s", "estimated_memory_mb", "memory_budget_mb", "over_budget", "wall_s", "steps", "exact_match_s", "base_model", "base_quant", "base_dtype", "train_rows", "eval_data_rows",
-            "eval_rows", "method", "reward_accuracy", "reward_margin", "preference_accuracy", "logp_margin")
+            "adapter_mb", "step_s", "estimated_memory_mb", "memory_budget_mb", "over_budget", "wall_s", "steps",
+            "exact_match_s", "base_model", "base_quant", "base_dtype", "train_rows", "eval_data_rows", "eval_rows",
+            "method", "reward_accuracy", "reward_margin", "preference_accuracy", "logp_margin")
     for key in keep:
         if key in metrics:
             trial.set_user_attr(key, metrics[key])
@@ -144,7 +145,7 @@ def objective_fn(cfg: RunConfig, get_worker):
             # trained, but over the budget when measured: kept complete, infeasible by its constraint (never best)
             metrics["over_budget"] = feasible.after_training(trial, trial_cfg, memo, metrics.get("peak_memory_mb"))
         except feasible.Infeasible as skip:
-            metrics = {**metrics, "wall_s": time.perf_counter() - t0}
+            memo, metrics = skip.figures, {**metrics, "wall_s": time.perf_counter() - t0}
             status, reason = feasible.INFEASIBLE, skip.reason
             raise
         except TrialStopped as stop:
