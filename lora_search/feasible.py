@@ -70,11 +70,37 @@ def base_problem(cfg, arch) -> str | None:
     return None
 
 
-class Estimator:
-    """Per-trial estimates for one study: the model's config read once per model, the study's scale read fresh."""
+def row_lengths(rows, method: str) -> dict:
+    """The longest tokenized row and the mean completion tokens per row (dpo: per sequence, chosen or rejected), of
+    TRL's tokenized training rows: what the estimate's activations and logits scale with (batches are padded to their
+    longest row, so the longest row bounds every batch)."""
+    rows = rows.select(range(min(len(rows), 2000)))
+    if method == "dpo":
+        seqs = [(len(r["prompt_ids"]) + len(r[k]), len(r[k])) for r in rows for k in ("chosen_ids", "rejected_ids")]
+    else:
+        seqs = [(len(r["input_ids"]), sum(label != -100 for label in r["labels"])) for r in rows]
+    return {"seq_len": max(s for s, _ in seqs), "completion_len": sum(c for _, c in seqs) / len(seqs)} if seqs else {}
 
-    def __init__(self, cache_dir):
-        self.cache_dir = cache_dir
+
+def worker_lengths(worker, cfg) -> dict:
+    """row_lengths of the rows the worker tokenized for cfg, {} when it has not (the estimate then takes
+    trainer.max_length for every row: an upper bound)."""
+    from lora_search.train import _tokenized_key
+
+    tokenized = worker.tokenized.get(_tokenized_key(cfg, worker.base.model))
+    try:
+        return row_lengths(tokenized[0], cfg.trainer.method) if tokenized else {}
+    except (KeyError, TypeError) as e:  # a TRL that names its columns otherwise: the upper bound, said once
+        log.info("memory estimates use trainer.max_length for every row (%s: %s)", type(e).__name__, e)
+        return {}
+
+
+class Estimator:
+    """Per-trial estimates for one study: the model's config read once per model, the study's scale read fresh,
+    the data's row lengths (worker_lengths) when known."""
+
+    def __init__(self, cache_dir, lengths: dict | None = None):
+        self.cache_dir, self.lengths = cache_dir, lengths or {}
         self._arch: dict = {}
 
     def __call__(self, study: optuna.Study, cfg) -> tuple:
@@ -84,7 +110,7 @@ class Estimator:
         key = repr(cfg.model)
         if key not in self._arch:
             self._arch[key] = models.architecture(cfg.model, self.cache_dir)
-        est = memory.estimate(cfg, self._arch[key])
+        est = memory.estimate(cfg, self._arch[key], **self.lengths)
         scale = float(study.user_attrs.get(SCALE_ATTR, 1.0))
         return est.total_mb * scale, est, scale
 

@@ -112,9 +112,11 @@ def objective_fn(cfg: RunConfig, get_worker):
     names = [m for m, _ in objective_list(cfg)]
     several = len(names) > 1
     maximize = cfg.sweep.direction == "maximize"
-    estimator = feasible.Estimator(cfg.cache_dir)
+    lengths = {}
     if not any(k in DATA_KEYS or k.startswith(RELOAD) for k in cfg.sweep.space):  # else tokenized in first use
         prepare_data(get_worker(base_cfg), base_cfg)
+        lengths = feasible.worker_lengths(get_worker(base_cfg), base_cfg)
+    estimator = feasible.Estimator(cfg.cache_dir, lengths)
 
     def objective(trial: optuna.Trial):
         t0 = time.perf_counter()

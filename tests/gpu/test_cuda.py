@@ -52,3 +52,19 @@ def test_throughput_benchmark_on_the_gpu_reports_mfu_for_bf16_and_nf4(tmp_path, 
     if throughput.peak_flops(torch.cuda.get_device_name()):
         assert all(0 < a["mfu"] < 1 for a in arms.values())
     assert {"lora_search_vs_trl", "lora_search_nf4_vs_trl_nf4"} <= set(rec["ratios"])
+
+
+@pytest.mark.parametrize("quant, batch", [("none", 4), ("none", 16), ("nf4", 8)])
+def test_the_memory_estimate_is_within_10_percent_of_cuda_max_allocated(make_cfg, tiny_overrides, tmp_path, quant,
+                                                                        batch):
+    """memory.estimate against what a run records on CUDA (torch.cuda.max_memory_allocated), for a wider tiny model
+    (activations and weights well above the allocator's granularity)."""
+    from lora_search import memory
+
+    cfg = make_cfg(*tiny_overrides, f"quant={quant}", "model.dtype=auto", f"trainer.batch_size={batch}",
+                   "model.tiny.hidden_size=1024", "model.tiny.intermediate_size=4096", "model.tiny.num_hidden_layers=4",
+                   "trainer.max_length=256", "trainer.exact_match_items=0", "trainer.eval_every=0")
+    worker = runs.start_worker(cfg)
+    metrics = train_adapter(worker, cfg, tmp_path / "run", with_baseline=False, save=False)
+    est = memory.estimate(cfg, models.architecture(cfg.model, cfg.cache_dir), device="cuda")
+    assert abs(est.total_mb - metrics["peak_memory_mb"]) <= 0.10 * metrics["peak_memory_mb"], est.describe()
