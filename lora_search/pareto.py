@@ -99,6 +99,9 @@ def check_rule(rule, allowed: list[str], where: str) -> list[str]:
                         f"got {within!r}")
     if rule.get("then") is not None:
         problems += check_rule(rule["then"], allowed, f"{where}.then")
+    elif within is not None:
+        problems.append(f"{where}.within keeps the trials near the best {metric} for a next rule to choose among: "
+                        f"add {where}.then, e.g. then: {{metric: trainable_params}}, or leave within out")
     return problems
 
 
@@ -115,8 +118,7 @@ def describe(rule: dict | None, first: tuple[str, str]) -> str:
     metric, direction = rule["metric"], rule.get("direction") or METRIC_DIRECTIONS[rule["metric"]]
     best = "lowest" if direction == "minimize" else "highest"
     if rule.get("within") is None or rule.get("then") is None:
-        band = f" (and within {rule['within']:.0%} of it: then the lowest trial number)" if rule.get("within") else ""
-        return f"the {best} {metric}{band}"
+        return f"the {best} {metric}"
     return f"{describe(rule['then'], first)} among trials within {rule['within']:.0%} of the {best} {metric}"
 
 

@@ -63,6 +63,7 @@ def test_without_a_rule_the_best_first_objective_wins_ties_go_to_the_lower_numbe
     ({"metric": "eval_loss", "direction": "maximize"}, "direction=maximize contradicts eval_loss"),
     ({"metric": "eval_loss", "within": -0.1, "then": {"metric": "trainable_params"}}, "within must be a fraction"),
     ({"metric": "eval_loss", "how": "best"}, "fields metric, direction, within, then"),
+    ({"metric": "eval_loss", "within": 0.02}, "within keeps the trials near the best eval_loss for a next rule"),
 ])
 def test_a_rule_naming_what_the_study_did_not_optimize_is_refused(rule, expected):
     problems = pareto.check_rule(rule, NAMES, "sweep.promotion.select")
