@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
         })
     path = common.write_record(rec)
     print(f"{path}: {wall / 60:.1f} min; front {[c['trial'] for c in front]}, chosen #{chosen['trial']} "
-          f"({rec['loss_given_up_pct']:+.1f}% loss, {rec['params_saved_x']}x fewer parameters than #{lowest['trial']}); "
+          f"(lowest loss: #{lowest['trial']}); "
           f"exact match {rec['base_exact_match']} -> {rec['tuned_exact_match']}")
     return rec
 

@@ -202,11 +202,34 @@ def render_pareto_sweep(rec: dict) -> list[str]:
     return [f"`{rec.get('command', 'sweep=rank_lr_pareto').strip()}`: objectives {', '.join(rec.get('objectives', []))}; "
             f"trials: " + ", ".join(f"{n} {state}" for state, n in (rec.get("trials") or {}).items())
             + f"; Pareto front {', '.join('#' + str(c['trial']) for c in rec.get('front') or [])}. The rule "
-            f"({rec.get('rule')}) chose #{chosen.get('trial')}: {_num(rec.get('params_saved_x'))}x fewer trainable "
-            f"parameters than the lowest-loss #{lowest.get('trial')} for {_num(rec.get('loss_given_up_pct'), '+.1f')}% "
-            f"eval loss. {lift}{_num(rec.get('wall_s', 0) / 60)} min end to end (target "
+            f"({rec.get('rule')}) chose #{chosen.get('trial')}" + (
+                ", the lowest-loss trial itself (no other front trial was within the band). " if chosen.get("trial") ==
+                lowest.get("trial") else f": {_num(rec.get('params_saved_x'))}x fewer trainable parameters than the "
+                f"lowest-loss #{lowest.get('trial')} for {_num(rec.get('loss_given_up_pct'), '+.1f')}% eval loss. ")
+            + f"{lift}{_num(rec.get('wall_s', 0) / 60)} min end to end (target "
             f"{_num(rec.get('target_s', 0) / 60, '.0f')} min: {_met(rec.get('within_time'))}); memory estimate vs "
             f"measured peak, worst trial: {_num(100 * (rec.get('memory_estimate_max_error') or 0), '.0f')}% off."]
+
+
+def render_memory_estimate(rec: dict) -> list[str]:
+    """memory.estimate against the measured peak of fresh runs: the error per configuration and in summary."""
+    lines = []
+    for device in ("cpu", "cuda"):
+        part = rec.get(device) or {}
+        if part.get("skipped"):
+            lines += [f"{device.upper()}: {part['skipped']}.", ""]
+            continue
+        s = part.get("summary") or {}
+        lines += [f"{device.upper()}: {s.get('measured')} configurations ({(rec.get('settings') or {}).get('model')}, "
+                  f"each in a fresh process): median |error| {_num(100 * (s.get('median_abs_rel_error') or 0))}%, "
+                  f"max {_num(100 * (s.get('max_abs_rel_error') or 0))}%, {s.get('within_goal')} within "
+                  f"{_num(100 * (s.get('goal') or 0), '.0f')}% (goal {_met(s.get('met'))}).", "",
+                  "| configuration | measured MB | estimate MB | error |", "| --- | --- | --- | --- |"]
+        lines += [f"| {r['label']} | {_num(r.get('measured_mb'), '.0f')} | {_num(r.get('estimate_mb'), '.0f')} | "
+                  f"{_num(100 * r['rel_error'], '+.1f') if r.get('rel_error') is not None else '-'}% |"
+                  for r in part.get("rows") or []]
+        lines.append("")
+    return lines[:-1] if lines and lines[-1] == "" else lines
 
 
 def render_generic(rec: dict) -> list[str]:
@@ -258,7 +281,7 @@ def render_throughput(rec: dict) -> list[str]:
 
 RENDERERS = {"load_time": render_load_time, "peer_sweep": render_peer_sweep, "overhead": render_overhead,
              "pruning": render_pruning, "throughput": render_throughput, "dpo_sweep": render_dpo_sweep,
-             "pareto_sweep": render_pareto_sweep}
+             "pareto_sweep": render_pareto_sweep, "memory_estimate": render_memory_estimate}
 
 
 def render(records: list[dict], problems: list[str] = (), heading: str = "## Performance") -> str:
