@@ -72,6 +72,7 @@ def test_a_rule_naming_what_the_study_did_not_optimize_is_refused(rule, expected
 
 # ---- the study: several objectives end to end on the tiny model ----
 
+@pytest.mark.slow  # a search, a promotion and a report on the tiny model (make test and CI run it)
 def test_a_two_objective_sweep_keeps_a_front_promotes_by_the_rule_and_reports_it(make_cfg):
     cfg = make_cfg(*FAST, PROMOTE, "sweep=rank_lr_pareto", "sweep.n_trials=5", "sweep.memory_budget_mb=null",
                    "sweep.sampler={type: tpe, seed: 3, n_startup_trials: 2}",
@@ -193,6 +194,7 @@ def test_spawned_workers_get_their_own_index(monkeypatch, tmp_path):
     assert [[a for a in cmd if a.startswith("worker=")] for cmd in started] == [["worker=1"], ["worker=2"], ["worker=3"]]
 
 
+@pytest.mark.slow  # two sweeps on the tiny model (make test and CI run them)
 @pytest.mark.parametrize("sampler", ["{type: gp, seed: 0, n_startup_trials: 2}", "{type: nsgaii, seed: 0}"])
 def test_the_gp_and_nsgaii_samplers_run_a_sweep(make_cfg, sampler):
     cfg = make_cfg(*FAST, "stage=search", "sweep.n_trials=3", f"sweep.sampler={sampler}", "sweep.pruner=none",
