@@ -157,7 +157,8 @@ def objective_fn(cfg: RunConfig, get_worker):
         except Exception as e:  # any error fails this trial only (optimize's catch); its frames' memory is freed
             metrics = {"wall_s": time.perf_counter() - t0, **guard.failure(trial, e, watch)}
             reason = f"{type(e).__name__}: {e}"
-            if feasible.is_out_of_memory(e):  # recorded infeasible, and the estimates corrected
+            # with a memory budget: recorded infeasible, and the estimates corrected (without one: a failure)
+            if memo.get("memory_budget_mb") is not None and feasible.is_out_of_memory(e):
                 status, reason = feasible.INFEASIBLE, (skip := feasible.out_of_memory(trial, memo, e)).reason
                 raise skip from None
             raise
