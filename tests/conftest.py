@@ -79,8 +79,24 @@ def _wandb_records(path):
             yield record
 
 
-def read_wandb_runs(folder):
-    """Every offline run under folder/wandb/: name, group, job type, tags, config, history rows, summary, artifacts."""
+def read_wandb_runs(folder, wait_s: float = 60.0):
+    """Every offline run under folder/wandb/: name, group, job type, tags, config, history rows, summary, artifacts.
+
+    W&B's service writes a run's file on its own thread, and `run.finish()` can return before the last records (the
+    final summary, the exit record) reach the disk: on a loaded machine a read right after finish missed the summary.
+    A run file without its exit record is read again until it has one (up to wait_s)."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        runs = _read_wandb_runs_once(folder)
+        unfinished = [r for found in runs.values() for r in found if "exit_code" not in r]
+        if not unfinished or time.monotonic() > deadline:
+            return {name: found[-1] for name, found in runs.items()}
+        time.sleep(0.5)
+
+
+def _read_wandb_runs_once(folder):
     import json
     from pathlib import Path
 
@@ -106,7 +122,7 @@ def read_wandb_runs(folder):
             elif kind == "exit":
                 run["exit_code"] = r.exit.exit_code
         runs.setdefault(run.get("name"), []).append(run)
-    return {name: found[-1] for name, found in runs.items()}
+    return runs
 
 
 @pytest.fixture
