@@ -6,6 +6,8 @@ Commands (first argument, optional):
   dashboard   serve optuna-dashboard for the study's storage (127.0.0.1 unless dashboard.host is set)
   compare     a table of several studies or nights side by side: `compare rank_lr targets`
   preview     rows exactly as the model will see them (completion marked), the data report, token counts
+  storage-proxy  Optuna's gRPC storage proxy in front of one database, for hundreds of workers
+              (`storage-proxy --storage postgresql+psycopg://... --port 13000`; workers: sweep.storage=grpc://host:port)
 
 Overrides are checked against the config groups and the schema before Hydra composes, and
 every config problem is reported as one line (no traceback) with exit code 2.
@@ -21,7 +23,7 @@ from lora_search.errors import LoraSearchError
 
 log = logging.getLogger("lora_search")
 EXIT_USAGE = 2
-COMMANDS = ("report", "dashboard", "compare", "preview")
+COMMANDS = ("report", "dashboard", "compare", "preview", "storage-proxy")
 
 
 def _quiet_libraries() -> None:
@@ -95,6 +97,10 @@ def _command(name: str, args: list[str]) -> None:
         from lora_search import preview
 
         print(preview.main(args))
+    elif name == "storage-proxy":
+        from lora_search import storage
+
+        storage.serve_proxy(args)
     elif name == "compare":
         from lora_search import compare
 

@@ -135,6 +135,8 @@ class FailureLimit:
         self.failed: list = []  # the current run of failed trials (frozen)
 
     def __call__(self, study: optuna.Study, frozen) -> None:
+        if frozen.user_attrs.get("status") == "not needed":  # found no slot before the study filled: no failure
+            return
         if frozen.state != TrialState.FAIL:
             self.failed.clear()
             return

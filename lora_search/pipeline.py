@@ -8,10 +8,11 @@ from __future__ import annotations
 import gc
 import importlib
 import logging
+import socket
 import time
 from collections import OrderedDict
 
-from lora_search import adapters, feasible, guard, hardware, models, records, report, runs, tracking
+from lora_search import adapters, claims, feasible, guard, hardware, models, records, report, runs, tracking
 from lora_search import trial as space_lib
 from lora_search.promote import config_id, load_best, promote_stage
 from lora_search.schema import RunConfig
@@ -148,6 +149,27 @@ def _run(cfg: RunConfig, overrides: list[str] = ()) -> int:
 
         return nightly.run_night(cfg, workers.get, overrides)
     study = search_stage(cfg, workers.get, overrides) if "search" in stages else open_study(cfg)
+    if explicit or cfg.force:  # the user's own call: no claim
+        return _later_stages(cfg, stages, study, workers, out, t0)
+    claims.wait_for_search(study, out)
+    claim = claims.take(study, cfg, str(out.resolve()))
+    if not claim.mine:
+        a = claim.attrs
+        if not (a.get("state") == claims.DONE and a.get("host") == socket.gethostname()
+                and a.get("results_dir") == str(out.resolve())):
+            log.info("study %s: the promotion is claimed by %s: this process stops here (exit 0)", cfg.sweep.name,
+                     claims.describe(claim))
+            return 0
+        # done earlier on this machine into these results: the finished stages are skipped below
+        return _later_stages(cfg, stages, study, workers, out, t0)
+    log.info("study %s: this process promotes (claim %s)", cfg.sweep.name, claim.name)
+    with claims.holding(study, claim, cfg.sweep.heartbeat_s):
+        return _later_stages(cfg, stages, study, workers, out, t0)
+
+
+def _later_stages(cfg: RunConfig, stages, study, workers: Workers, out, t0: float) -> int:
+    """Promote, merge, benchmark and report (those in `stages`), skipping the ones done for this promoted run."""
+    explicit = cfg.stage != "all"
     if "promote" in stages:
         promote_stage(cfg, study, lambda: workers.get(load_best(out)), force=cfg.force or explicit)
     for name in ("merge", "benchmark"):

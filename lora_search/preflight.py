@@ -115,6 +115,8 @@ def check_study_exists(cfg: RunConfig) -> None:
 
     url = storage.storage_url(cfg)
     database = make_url(url).database if url.startswith("sqlite") else None
+    if storage.kind(url) == "journal":
+        database = str(storage.journal_path(url))  # opening a journal that is not there would create it
     if database and database != ":memory:" and not Path(database).is_file():
         names, found = [], "no such file"
     else:

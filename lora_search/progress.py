@@ -1,5 +1,15 @@
 """The search's progress: one log line per finished trial (its values, the best so far or the Pareto front, the time
-left), and the callback that stops the study once it has n_trials finished (infeasible ones do not count).
+left), and the slots that end a study at exactly n_trials finished (infeasible ones do not count) however many
+workers share it.
+
+Slots: Optuna's MaxTrialsCallback lets every worker that sees fewer than n finished trials start one more, so k workers
+overshoot by up to k - 1. Here a trial trains only when the finished trials plus the running trials ahead of it
+leave room: ahead are the trials already admitted (system attribute `lora_search:admitted`) and the lower-numbered
+running ones. Trial numbers are handed out atomically by every Optuna storage, so two trials that pass the check at
+the same moment settle by number: after marking itself admitted each re-checks against the lower-numbered running
+trials only, and the higher one gives the slot up and waits. A worker waits for a slot before asking for a trial (StopAt,
+wait_for_slot), so a trial that finds none — a race — is rare; it waits, and if the study fills meanwhile it fails
+as "not needed" without training. While waiting, the trials of workers that died are failed (and queued once).
 """
 
 from __future__ import annotations
@@ -22,14 +32,79 @@ def finished(study: optuna.Study) -> list:
     return [t for t in study.get_trials(deepcopy=False, states=FINISHED) if not feasible.is_infeasible(t)]
 
 
-class StopAt:
-    """Optuna callback: stop once the study has n finished trials (infeasible ones do not count)."""
+ADMITTED = "lora_search:admitted"
+NOT_NEEDED = "not needed"  # the status of a trial that found no slot before the study had n_trials
+POLL_S = 1.0
 
-    def __init__(self, n: int):
-        self.n = n
+
+class NotNeeded(Exception):
+    """The study reached n_trials while this trial waited for a slot: it ends FAIL without training."""
+
+
+def running_ahead(study: optuna.Study, number: int | None, admitted: bool = True) -> int:
+    """Running trials other than `number` that hold or precede its slot: lower-numbered ones and (admitted=True)
+    the admitted ones."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    return sum(1 for t in running if t.number != number
+               and ((admitted and t.system_attrs.get(ADMITTED)) or number is None or t.number < number))
+
+
+def _reap(study: optuna.Study, out) -> None:
+    """Fail the trials of dead workers: this machine's by pid, others' by heartbeat (each queued again once)."""
+    from lora_search import guard
+
+    optuna.storages.fail_stale_trials(study)
+    if out is not None:
+        guard.fail_dead_workers(study, out)
+
+
+def wait_for_slot(study: optuna.Study, n: int, out=None, number: int | None = None, deadline: float | None = None,
+                  poll_s: float = POLL_S) -> bool:
+    """Wait until a trial (`number`, or the next one) has room: finished + running ahead < n. False when the study
+    reached n finished trials (or the deadline, time.monotonic(), passed) first."""
+    waited = False
+    while True:
+        done = len(finished(study))
+        if done >= n:
+            return False
+        ahead = running_ahead(study, number)
+        if done + ahead < n:
+            return True
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        if not waited:
+            log.info("%d of %d trials finished and %d running in other workers: waiting for a free slot", done, n,
+                     ahead)
+            waited = True
+        _reap(study, out)
+        time.sleep(poll_s)
+
+
+def admit(study: optuna.Study, trial: optuna.Trial, n: int, out=None, poll_s: float = POLL_S) -> None:
+    """Hold `trial` until it has a slot, then mark it admitted; NotNeeded when the study fills first."""
+    storage = study._storage
+    while True:
+        if not wait_for_slot(study, n, out, trial.number, poll_s=poll_s):
+            raise NotNeeded(f"{NOT_NEEDED}: the study reached n_trials={n} finished trials while this trial waited for "
+                            "a free slot (it did not train)")
+        storage.set_trial_system_attr(trial._trial_id, ADMITTED, True)
+        # Re-check after marking: a trial that passed its check at the same moment is settled by number (the lower
+        # keeps the slot); one admitted before this trial's check was already counted there.
+        if len(finished(study)) + running_ahead(study, trial.number, admitted=False) < n:
+            return
+        storage.set_trial_system_attr(trial._trial_id, ADMITTED, False)
+        time.sleep(poll_s)
+
+
+class StopAt:
+    """Optuna callback: after each trial, wait for a free slot (other workers' running trials may still fill the
+    study); stop once the study has n finished trials (infeasible ones do not count) or the deadline passed."""
+
+    def __init__(self, n: int, out=None, deadline: float | None = None):
+        self.n, self.out, self.deadline = n, out, deadline
 
     def __call__(self, study: optuna.Study, frozen) -> None:
-        if len(finished(study)) >= self.n:
+        if not wait_for_slot(study, self.n, self.out, deadline=self.deadline):
             study.stop()
 
 
@@ -39,6 +114,9 @@ def progress_callback(cfg: RunConfig, started: float, done_before: int):
     names = [m for m, _ in pareto.objectives(cfg.sweep)]
 
     def callback(study: optuna.Study, frozen) -> None:
+        if frozen.user_attrs.get("status") == NOT_NEEDED:
+            log.info("trial #%d not needed: the study has its %d trials", frozen.number, cfg.sweep.n_trials)
+            return
         n_done = len(finished(study))
         state = frozen.state.name.lower()
         if frozen.state == TrialState.COMPLETE:

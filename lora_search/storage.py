@@ -1,11 +1,24 @@
-"""The study's storage: its URL (sweep.storage, else $LORA_SEARCH_STORAGE, else SQLite under results/), Optuna's
-RDBStorage on it, and every way opening it fails as one line with the password masked and what is accepted.
+"""The study's storage: its URL (sweep.storage, else $LORA_SEARCH_STORAGE, else SQLite under results/), the Optuna
+storage on it, and every way opening it fails as one line with the password masked and what is accepted.
+
+Storages by scale (all Optuna's own):
+  sqlite:///path/study.db                one worker, or a few on one machine (the default, under results/<study>/)
+  journal:///path/study.journal          several workers on one machine or on a shared disk, no database server
+                                         (Optuna's JournalStorage on a file, with its O_EXCL lock: safe on NFS)
+  postgresql+psycopg://user@host/db      many machines
+  grpc://host:port                       hundreds of workers: Optuna's gRPC proxy (`python -m lora_search
+                                         storage-proxy`) in front of one database, which caches and batches
+Optuna's heartbeats exist for databases only; for a journal and the gRPC proxy, `beating(...)` adds
+them as a trial system attribute, so a worker that dies on another machine has its trial failed (and retried once)
+there too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
+import time
 from pathlib import Path
 
 import sqlalchemy
@@ -15,7 +28,10 @@ from lora_search import secrets
 from lora_search.errors import ConfigError, LoraSearchError
 from lora_search.schema import RunConfig
 
-ACCEPTED = "sqlite:///path/to/study.db, postgresql+psycopg://user@host/db or mysql+pymysql://user@host/db"
+ACCEPTED = ("sqlite:///path/to/study.db, journal:///path/to/study.journal, postgresql+psycopg://user@host/db, "
+            "mysql+pymysql://user@host/db or grpc://host:port")
+ALTERNATIVES = ("journal:///<shared disk>/study.journal (no server), postgresql+psycopg://user@host/db, or "
+                "grpc://host:port in front of one (python -m lora_search storage-proxy)")
 DRIVERS = {"psycopg": "psycopg[binary]", "psycopg2": "psycopg2-binary", "pymysql": "pymysql", "MySQLdb": "mysqlclient"}
 CONNECT_TIMEOUT_S = 10
 
@@ -40,6 +56,33 @@ def storage_url(cfg: RunConfig) -> str:
         url = given
     secrets.remember(url)
     return url
+
+
+def kind(url: str) -> str:
+    """sqlite, journal, grpc, or rdb (a database server)."""
+    if url.startswith("journal:"):
+        return "journal"
+    if url.startswith("grpc:"):
+        return "grpc"
+    return "sqlite" if url.startswith("sqlite") else "rdb"
+
+
+def journal_path(url: str) -> Path:
+    """journal:///abs/path (or journal://relative/path) -> the journal file."""
+    rest = url[len("journal://"):] if url.startswith("journal://") else ""
+    if not rest or rest.endswith("/"):
+        raise ConfigError(f"{secrets.STORAGE_KEY} {url!r}: a journal URL names a file, e.g. "
+                          f"journal:///shared/studies/rank_lr.journal")
+    return Path(rest)
+
+
+def grpc_address(url: str) -> tuple[str, int]:
+    """grpc://host:port -> (host, port)."""
+    parsed = make_url_or_none(url)
+    if parsed is None or not parsed.host or not parsed.port or parsed.database:
+        raise ConfigError(f"{secrets.STORAGE_KEY} {secrets.mask_url(url)!r}: a gRPC proxy URL is grpc://host:port "
+                          f"(start the proxy with `python -m lora_search storage-proxy --storage <database URL>`)")
+    return parsed.host, parsed.port
 
 
 def make_url_or_none(url: str):
@@ -120,17 +163,151 @@ def _creating(url: str):
 
 
 def open_rdb(cfg: RunConfig, **kwargs):
-    """Optuna's RDBStorage on the study's storage (kwargs: heartbeats); ConfigError when it cannot be opened."""
+    """The study's Optuna storage (kwargs: heartbeats); ConfigError when it cannot be opened. A database URL gives
+    Optuna's RDBStorage, journal:// a JournalStorage on the file, grpc:// the gRPC proxy's client."""
+    return open_url(storage_url(cfg), **kwargs)
+
+
+def open_url(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None,
+             heartbeat_stale_trial_callback=None):
+    """An Optuna storage for url (see the module docstring), with heartbeats when an interval is given."""
     import optuna
 
-    url = storage_url(cfg)
+    beats = {"heartbeat_interval": heartbeat_interval, "grace_period": grace_period,
+             "heartbeat_stale_trial_callback": heartbeat_stale_trial_callback}
     try:
+        if kind(url) == "journal":
+            return _open_journal(url, beats)
+        if kind(url) == "grpc":
+            return _open_grpc(url, beats)
         with _creating(url):
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs(url), **kwargs)
+            return reasoned(optuna.storages.RDBStorage)(url, engine_kwargs=engine_kwargs(url),
+                                                        **{k: v for k, v in beats.items() if v is not None})
     except LoraSearchError:
         raise
     except Exception as e:  # noqa: BLE001 - a bad URL, a missing driver, a server that does not answer
         raise explain(url, e) from None
+
+
+def _open_journal(url: str, beats: dict):
+    import optuna
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    path = journal_path(url)
+    if not path.parent.is_dir():
+        raise ConfigError(f"{secrets.STORAGE_KEY} {url!r}: no such folder {str(path.parent)!r} for the journal "
+                          f"file; create it first")
+    # The open lock (O_CREAT | O_EXCL) works on NFS, where Optuna's default symlink lock may not.
+    backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
+    return beating(optuna.storages.JournalStorage)(backend, **beats)
+
+
+def _open_grpc(url: str, beats: dict):
+    import optuna
+
+    try:
+        import grpc  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"{secrets.STORAGE_KEY} {secrets.mask_url(url)!r}: the gRPC client is not installed; "
+                          f"`pip install 'lora_search[grpc]'` (grpcio)") from None
+    host, port = grpc_address(url)
+    proxy = beating(optuna.storages.GrpcStorageProxy)(host=host, port=port, **beats)
+    try:
+        proxy.wait_server_ready(timeout=CONNECT_TIMEOUT_S)
+    except ConnectionError:
+        proxy.close()
+        raise ConfigError(f"{secrets.STORAGE_KEY} {secrets.mask_url(url)!r}: no gRPC storage proxy answers at "
+                          f"{host}:{port} within {CONNECT_TIMEOUT_S} s; start it with `python -m lora_search "
+                          f"storage-proxy --storage <database URL> --host 0.0.0.0 --port {port}`") from None
+    return proxy
+
+
+HEARTBEAT_ATTR = "lora_search:heartbeat"
+
+
+class _Beats:
+    """Optuna's heartbeat protocol (BaseHeartbeat) for a storage that lacks it: the beat is a trial system attribute
+    (the worker's clock, seconds since the epoch); a RUNNING trial without a beat for grace_period is stale, and
+    Optuna's own fail_stale_trials fails it and calls the callback (RetryHeartbeatStaleTrialCallback)."""
+
+    def _init_beats(self, heartbeat_interval=None, grace_period=None, heartbeat_stale_trial_callback=None):
+        self._beat_interval, self._beat_callback = heartbeat_interval, heartbeat_stale_trial_callback
+        self._beat_grace = grace_period or (2 * heartbeat_interval if heartbeat_interval else None)
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+
+    def _stale_ids(self, study_id: int) -> list[int]:
+        from optuna.trial import TrialState
+
+        if not self._beat_interval:
+            return []
+        now, stale = time.time(), []
+        for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
+            last = t.system_attrs.get(HEARTBEAT_ATTR)
+            if last is None and t.datetime_start is not None:
+                last = t.datetime_start.timestamp()
+            if last is not None and now - last > self._beat_grace:
+                stale.append(t._trial_id)
+        return stale
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        return _with_reason(self, self._stale_ids(study_id))
+
+    def get_heartbeat_interval(self):
+        return self._beat_interval
+
+    def get_heartbeat_stale_trial_callback(self):
+        return self._beat_callback
+
+
+def _beating(base):
+    from optuna.storages._heartbeat import BaseHeartbeat
+
+    class Beating(_Beats, base, BaseHeartbeat):
+        def __init__(self, *args, heartbeat_interval=None, grace_period=None, heartbeat_stale_trial_callback=None,
+                     **kwargs):
+            base.__init__(self, *args, **kwargs)
+            self._init_beats(heartbeat_interval, grace_period, heartbeat_stale_trial_callback)
+
+    Beating.__name__ = Beating.__qualname__ = f"Beating{base.__name__}"
+    return Beating
+
+
+STALE_REASON = "worker stopped sending heartbeats (killed, or its machine went away)"
+
+
+def _with_reason(storage, trial_ids: list[int]) -> list[int]:
+    """Before Optuna fails stale trials: give each its reason and status (a FAIL trial's attributes are frozen)."""
+    import optuna
+
+    for trial_id in trial_ids:
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            storage.set_trial_user_attr(trial_id, "status", "failed")
+            storage.set_trial_user_attr(trial_id, "reason", STALE_REASON)
+    return trial_ids
+
+
+def reasoned(base):
+    """Optuna's RDBStorage whose stale trials get a reason before they are failed."""
+    if base not in _BEATING:
+        class Reasoned(base):
+            def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+                return _with_reason(self, super()._get_stale_trial_ids(study_id))
+
+        Reasoned.__name__ = Reasoned.__qualname__ = base.__name__  # what logs and the dashboard show
+        _BEATING[base] = Reasoned
+    return _BEATING[base]
+
+
+_BEATING: dict = {}
+
+
+def beating(base):
+    """`base` (Optuna's JournalStorage or GrpcStorageProxy) with heartbeats, one class per base."""
+    if base not in _BEATING:
+        _BEATING[base] = _beating(base)
+    return _BEATING[base]
 
 
 def check_storage(cfg: RunConfig) -> None:
@@ -141,6 +318,15 @@ def check_storage(cfg: RunConfig) -> None:
                           f"Hydra's .hydra/config.yaml; give the URL on the command line (masked there), in "
                           f"${secrets.STORAGE_ENV}, or without the password (PGPASSWORD, ~/.pgpass)")
     url = storage_url(cfg)
+    if kind(url) == "journal":
+        path = journal_path(url)
+        if not path.parent.is_dir():
+            raise ConfigError(f"{secrets.STORAGE_KEY} {url!r}: no such folder {str(path.parent)!r} for the journal "
+                              f"file; create it first")
+        return
+    if kind(url) == "grpc":
+        _open_grpc(url, {}).close()
+        return
     try:
         parsed = make_url(url)
         engine = sqlalchemy.create_engine(url, **engine_kwargs(url))
@@ -161,3 +347,72 @@ def check_storage(cfg: RunConfig) -> None:
         raise explain(url, e) from None
     finally:
         engine.dispose()
+
+
+def check_sharing(study, url: str) -> None:
+    """ConfigError when an SQLite study is in use by a worker on another machine: SQLite's file locks do not hold
+    over network filesystems, so two machines writing one file corrupt it. Trials whose worker stopped beating are
+    failed first (a study moved from another machine is not refused for them)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    if kind(url) != "sqlite":
+        return
+    optuna.storages.fail_stale_trials(study)
+    host = socket.gethostname()
+    others = sorted({str(t.user_attrs.get("worker", "")).rsplit(":", 1)[0]
+                     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))} - {host, ""})
+    if others:
+        raise ConfigError(f"{secrets.STORAGE_KEY} {secrets.mask_url(url)!r}: study {study.study_name!r} has trials "
+                          f"running on {', '.join(others)}, and this is {host}: an SQLite file cannot be shared by "
+                          f"several machines (its locks do not hold over network filesystems); use {ALTERNATIVES}")
+
+
+def serve_proxy(argv: list[str]) -> None:
+    """`python -m lora_search storage-proxy --storage <database URL> [--host H] [--port P]`: Optuna's gRPC storage
+    proxy in front of one database, for hundreds of workers (each with sweep.storage=grpc://H:P). The URL may come
+    from $LORA_SEARCH_STORAGE instead (a password on a command line shows in `ps`)."""
+    import argparse
+    import logging
+
+    import optuna
+
+    parser = argparse.ArgumentParser(prog="python -m lora_search storage-proxy", description=serve_proxy.__doc__)
+    parser.add_argument("--storage", default=os.environ.get(secrets.STORAGE_ENV),
+                        help=f"the database URL (default: ${secrets.STORAGE_ENV})")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=int, default=13000)
+    parser.add_argument("--threads", type=int, default=32, help="the server's thread pool")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        if e.code:
+            raise ConfigError("storage-proxy: see the usage above; e.g. `python -m lora_search storage-proxy "
+                              "--storage postgresql+psycopg://user@host/db --port 13000`") from None
+        raise
+    if not args.storage:
+        raise ConfigError(f"storage-proxy needs the database URL: --storage postgresql+psycopg://user@host/db, or "
+                          f"${secrets.STORAGE_ENV}")
+    url = args.storage
+    secrets.remember(url)
+    if kind(url) in ("journal", "grpc"):
+        raise ConfigError(f"storage-proxy --storage {secrets.mask_url(url)!r}: the proxy serves a database (Optuna's "
+                          f"gRPC proxy does not support a journal, and a proxy in front of a proxy adds nothing); "
+                          f"accepted: postgresql+psycopg://user@host/db, mysql+pymysql://user@host/db or sqlite:///path")
+    if not 1 <= args.port <= 65535:
+        raise ConfigError(f"storage-proxy --port must be from 1 to 65535, got {args.port}")
+    try:
+        import grpc  # noqa: F401
+    except ImportError:
+        raise ConfigError("storage-proxy needs the gRPC server: `pip install 'lora_search[grpc]'` (grpcio)") from None
+    from concurrent.futures import ThreadPoolExecutor
+
+    backend = optuna.storages.get_storage(open_url(url))  # Optuna's cached storage in front of the database
+    log = logging.getLogger("lora_search.storage")
+    log.info("gRPC storage proxy for %s on %s:%d: workers join with sweep.storage=grpc://%s:%d", secrets.mask_url(url),
+             args.host, args.port, "<this host>" if args.host in ("0.0.0.0", "::") else args.host, args.port)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("the proxy has no authentication: anyone who can reach %s:%d can read and change every study in "
+                    "the database; use only on a trusted network", args.host, args.port)
+    optuna.storages.run_grpc_proxy_server(backend, host=args.host, port=args.port,
+                                          thread_pool=ThreadPoolExecutor(args.threads))

@@ -119,6 +119,12 @@ def objective_fn(cfg: RunConfig, get_worker):
     estimator = feasible.Estimator(cfg.cache_dir, lengths)
 
     def objective(trial: optuna.Trial):
+        try:  # several workers: train only when the study has room for this trial (progress.py, slots)
+            progress.admit(trial.study, trial, cfg.sweep.n_trials, study_dir(cfg))
+        except progress.NotNeeded as e:
+            trial.set_user_attr("worker", worker_id())
+            _set_attrs(trial, {}, progress.NOT_NEEDED, str(e))
+            raise RuntimeError(str(e)) from None
         t0 = time.perf_counter()
         params = space_lib.suggest(trial, cfg.sweep.space)
         out = study_dir(cfg) / "trials" / f"{trial.number:04d}"
@@ -185,6 +191,7 @@ def search_stage(cfg: RunConfig, get_worker, overrides: list[str] = ()) -> optun
     check_sweep(cfg)
     study = open_study(cfg)
     guard.fail_dead_workers(study, study_dir(cfg))  # trials left RUNNING by a killed worker on this machine
+    storage.check_sharing(study, storage_url(cfg))  # SQLite is not shared by several machines
     done = len(finished(study))
     if done >= cfg.sweep.n_trials:
         log.info("study %s already has %d finished trials (n_trials=%d): nothing to search", cfg.sweep.name, done,
@@ -203,13 +210,18 @@ def search_stage(cfg: RunConfig, get_worker, overrides: list[str] = ()) -> optun
     with guard.stopping(study, study_dir(cfg), procs):  # interrupted or failing: records kept, workers stopped
         objective = objective_fn(cfg, get_worker)  # loads the base and tokenizes the data before the first trial
         started = time.perf_counter()
-        study.optimize(
-            objective,
-            timeout=cfg.sweep.timeout_s,
-            callbacks=[StopAt(cfg.sweep.n_trials), progress_callback(cfg, started, done), limit, unreachable],
-            catch=(Exception,),  # any error fails its trial only; KeyboardInterrupt and SystemExit end the sweep
-            gc_after_trial=False,  # train_adapter already collects once per trial
-        )
+        deadline = time.monotonic() + cfg.sweep.timeout_s if cfg.sweep.timeout_s else None
+        stop_at = StopAt(cfg.sweep.n_trials, study_dir(cfg), deadline)
+        if progress.wait_for_slot(study, cfg.sweep.n_trials, study_dir(cfg), deadline=deadline):
+            study.optimize(
+                objective,
+                timeout=cfg.sweep.timeout_s,
+                callbacks=[stop_at, progress_callback(cfg, started, done), limit, unreachable],
+                catch=(Exception,),  # any error fails its trial only; KeyboardInterrupt and SystemExit end the sweep
+                gc_after_trial=False,  # train_adapter already collects once per trial
+            )
+        else:
+            log.info("study %s: the other workers' trials filled it: nothing left to search", cfg.sweep.name)
         limit.check()
         unreachable.check(cfg.sweep.memory_budget_mb)
     launch.wait(procs)
