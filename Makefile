@@ -57,6 +57,7 @@ bench: setup
 	$(PY) benchmarks/dpo_sweep.py
 	$(PY) benchmarks/pareto_sweep.py
 	$(PY) benchmarks/memory_estimate.py
+	$(PY) benchmarks/scale.py
 	$(PY) benchmarks/readme_section.py --update README.md
 
 clean-cache:

@@ -29,6 +29,7 @@ TITLES = {
     "dpo_sweep": "Preference tuning end to end (`sweep=dpo_beta`)",
     "pareto_sweep": "Quality and cost together (`sweep=rank_lr_pareto`)",
     "memory_estimate": "The memory estimator against measured peaks",
+    "scale": "Scale: workers and study storages",
 }
 LABELS = {"handwritten": "hand-written Optuna + TRL recipe", "lora_search": "lora_search",
           "hf_search": "transformers `hyperparameter_search`"}
@@ -279,9 +280,74 @@ def render_throughput(rec: dict) -> list[str]:
     return lines
 
 
+STORAGE_LABELS = {"in_memory": "in memory (no storage: the floor)", "sqlite": "SQLite (file)",
+                  "journal": "Journal (file)", "postgresql": "PostgreSQL", "grpc_proxy": "gRPC proxy"}
+
+
+def _cell(text, limit: int) -> str:
+    """Text for one markdown table cell: one line, no pipes, at most `limit` characters."""
+    return " ".join(str(text).replace("|", "/").split())[:limit]
+
+
+def render_scale(rec: dict) -> list[str]:
+    """Trials per hour with 1, 2 and 4 workers per model, and each study storage's cost per trial."""
+    lines = []
+    models = (rec.get("workers") or {}).get("models") or {}
+    if models:
+        names = list(models)
+        budgets = "; ".join(f"{m}: {d.get('n_trials', '?')} trials of "
+                            f"{(d.get('trial') or {}).get('trainer.max_steps', '?')} steps"
+                            for m, d in models.items() if "runs" in d)
+        lines += [f"`python -m lora_search stage=search sweep=rank_lr sweep.pruner=none sweep.workers=N` on "
+                  f"{rec.get('cores', '?')} CPU cores ({budgets}); the workers split the cores, so more workers than "
+                  "cores do not add throughput. Trials/hour from the command's start to the last finished trial "
+                  "(mean trial duration in brackets)" + (" (quick settings: not representative)" if rec.get("quick")
+                                                         else "") + ".", "",
+                  "| workers | storage | " + " | ".join(f"{m} trials/hour" for m in names) + " | finished = n_trials |",
+                  "| ---: | --- | " + " | ".join("---:" for _ in names) + " | --- |"]
+        keys = []
+        for d in models.values():
+            keys += [(r.get("workers"), r.get("storage")) for r in d.get("runs") or [] if
+                     (r.get("workers"), r.get("storage")) not in keys]
+        for workers, store in keys:
+            cells, exact = [], []
+            for m in names:
+                row = next((r for r in models[m].get("runs") or [] if (r.get("workers"), r.get("storage")) ==
+                            (workers, store)), None)
+                if row is None:
+                    cells.append("-")
+                elif row.get("trials_per_hour") is None:
+                    cells.append(f"failed: {_cell(row.get('error', '?'), 60)}")
+                else:
+                    cells.append(f"{_num(row['trials_per_hour'], '.0f')} ({_num(row.get('trial_mean_s'))} s)")
+                    exact.append(f"{row.get('finished')}/{row.get('n_trials')}")
+            lines.append(f"| {workers} | {store} | " + " | ".join(cells) + f" | {', '.join(exact) or '-'} |")
+    st = rec.get("storage") or {}
+    results = st.get("results") or {}
+    if results:
+        lines += ([""] if lines else []) + [
+            f"Storage cost per trial: {st.get('trials', '?')} no-op trials ({st.get('loop', '')}) on a fresh study "
+            "through `lora_search.storage.open_url`, random sampler (seed 0); TPE beside it "
+            f"({st.get('tpe_trials', '?')} trials; its own cost grows with the trials).", "",
+            "| storage | ms/trial (random) | first / last 100 | total s | ms/trial (TPE) |",
+            "| --- | ---: | --- | ---: | ---: |"]
+        for kind, r in results.items():
+            label = STORAGE_LABELS.get(kind, kind) + (f" in front of {r['behind']}" if r.get("behind") else "")
+            if "skipped" in r or "error" in r:
+                lines.append(f"| {label} | {'skipped' if 'skipped' in r else 'failed'}: "
+                             f"{_cell(r.get('skipped') or r.get('error'), 100)} | | | |")
+                continue
+            rnd, tpe = r.get("random") or {}, r.get("tpe") or {}
+            lines.append(f"| {label} | {_num(rnd.get('ms_per_trial'), '.2f')} | "
+                         f"{_num(rnd.get('ms_per_trial_first_100'), '.2f')} / "
+                         f"{_num(rnd.get('ms_per_trial_last_100'), '.2f')} | {_num(rnd.get('total_s'))} | "
+                         f"{_num(tpe.get('ms_per_trial'), '.2f')} |")
+    return lines or ["(no figures)"]
+
+
 RENDERERS = {"load_time": render_load_time, "peer_sweep": render_peer_sweep, "overhead": render_overhead,
              "pruning": render_pruning, "throughput": render_throughput, "dpo_sweep": render_dpo_sweep,
-             "pareto_sweep": render_pareto_sweep, "memory_estimate": render_memory_estimate}
+             "pareto_sweep": render_pareto_sweep, "memory_estimate": render_memory_estimate, "scale": render_scale}
 
 
 def render(records: list[dict], problems: list[str] = (), heading: str = "## Performance") -> str:

@@ -96,6 +96,25 @@ def admit(study: optuna.Study, trial: optuna.Trial, n: int, out=None, poll_s: fl
         time.sleep(poll_s)
 
 
+def drop_retries(study: optuna.Study) -> list[int]:
+    """Once the study has its n_trials: the queued retries of trials whose worker died (still WAITING: the other
+    workers filled the study first) end FAIL as not needed, so no trial is left waiting. Each is taken with Optuna's
+    WAITING -> RUNNING switch, which one process wins, so a worker popping it at that moment keeps it. Configurations
+    the sweep file enqueued stay queued for a later, larger n_trials."""
+    storage, dropped = study._storage, []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        if t.user_attrs.get("retry_of") is None and t.system_attrs.get("failed_trial") is None:
+            continue
+        if not storage.set_trial_state_values(t._trial_id, state=TrialState.RUNNING):
+            continue
+        storage.set_trial_user_attr(t._trial_id, "status", NOT_NEEDED)
+        storage.set_trial_user_attr(t._trial_id, "reason", f"{NOT_NEEDED}: a retry the study no longer needed (it had "
+                                    f"its n_trials before the retry started; it did not train)")
+        storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+        dropped.append(t.number)
+    return dropped
+
+
 class StopAt:
     """Optuna callback: after each trial, wait for a free slot (other workers' running trials may still fill the
     study); stop once the study has n finished trials (infeasible ones do not count) or the deadline passed."""

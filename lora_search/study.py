@@ -196,6 +196,7 @@ def search_stage(cfg: RunConfig, get_worker, overrides: list[str] = ()) -> optun
     if done >= cfg.sweep.n_trials:
         log.info("study %s already has %d finished trials (n_trials=%d): nothing to search", cfg.sweep.name, done,
                  cfg.sweep.n_trials)
+        progress.drop_retries(study)
         return study
     _enqueue(study, cfg)
     log.info("study %s: %d of %d trials finished; storage %s", cfg.sweep.name, done, cfg.sweep.n_trials,
@@ -225,6 +226,8 @@ def search_stage(cfg: RunConfig, get_worker, overrides: list[str] = ()) -> optun
         limit.check()
         unreachable.check(cfg.sweep.memory_budget_mb)
     launch.wait(procs)
+    if len(finished(study)) >= cfg.sweep.n_trials:
+        progress.drop_retries(study)
     return study
 
 

@@ -289,3 +289,14 @@ def test_a_claim_held_on_another_machine_is_waited_for_then_taken_over_when_its_
     t0 = time.monotonic()
     after = claims.take(study, cfg, "/results/b", poll_s=0.2)  # a replacement pod: waits, then takes it over
     assert after.mine and after.name == "rank_lr:promotion@1#2" and time.monotonic() - t0 >= 2.5  # 3 x heartbeat_s
+
+
+def test_queued_retries_end_not_needed_once_the_study_is_full_and_enqueued_configurations_stay(tmp_path):
+    study = _study(tmp_path)
+    study.tell(study.ask(), 1.0)
+    study.enqueue_trial({"x": 0.5}, user_attrs={"retry_of": 0})  # a dead worker's trial, queued again
+    study.enqueue_trial({"x": 0.25})  # the sweep file's own configuration
+    assert progress.drop_retries(study) == [1]
+    retry = study.trials[1]
+    assert retry.state == TrialState.FAIL and retry.user_attrs["reason"].startswith(progress.NOT_NEEDED)
+    assert study.trials[2].state == TrialState.WAITING
