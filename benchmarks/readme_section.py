@@ -302,7 +302,9 @@ def render_scale(rec: dict) -> list[str]:
                   f"{rec.get('cores', '?')} CPU cores ({budgets}); the workers split the cores, so more workers than "
                   "cores do not add throughput. Trials/hour from the command's start to the last finished trial "
                   "(mean trial duration in brackets)" + (" (quick settings: not representative)" if rec.get("quick")
-                                                         else "") + ".", "",
+                                                         else "") + f"; 1-minute load average "
+                  f"{_num((rec.get('load_average_before') or [None])[0], '.2f')} before the benchmark, "
+                  f"{_num((rec.get('load_average_after') or [None])[0], '.2f')} after it.", "",
                   "| workers | storage | " + " | ".join(f"{m} trials/hour" for m in names) + " | finished = n_trials |",
                   "| ---: | --- | " + " | ".join("---:" for _ in names) + " | --- |"]
         keys = []
@@ -320,7 +322,9 @@ def render_scale(rec: dict) -> list[str]:
                     cells.append(f"failed: {_cell(row.get('error', '?'), 60)}")
                 else:
                     cells.append(f"{_num(row['trials_per_hour'], '.0f')} ({_num(row.get('trial_mean_s'))} s)")
-                    exact.append(f"{row.get('finished')}/{row.get('n_trials')}")
+                    ran = len(row.get("trials_per_worker") or [])
+                    exact.append(f"{row.get('finished')}/{row.get('n_trials')}"
+                                 + (f" ({m}: {ran} of {workers} workers ran trials)" if ran < (workers or 0) else ""))
             lines.append(f"| {workers} | {store} | " + " | ".join(cells) + f" | {', '.join(exact) or '-'} |")
     st = rec.get("storage") or {}
     results = st.get("results") or {}

@@ -26,7 +26,8 @@ Two parts, written to results/bench/scale.json:
   .venv/bin/python benchmarks/scale.py --quick   # 100 trials per storage; tiny only, 4 trials, 1 and 2 workers
                                                  # -> results/bench-quick/scale.json
 
-Options: --trials (per storage), --tpe-trials (0: no TPE measurement), --parts, --cache-dir, --out.
+Options: --trials (per storage), --tpe-trials (300, at most --trials; 0: no TPE measurement), --parts, --cache-dir,
+--out.
 """
 
 from __future__ import annotations
@@ -59,13 +60,18 @@ STORAGE_ENV = "LORA_SEARCH_STORAGE"  # lora_search.secrets.STORAGE_ENV: kept out
 # database, which a test run may be using at that moment).
 PG_SCRIPT_URL = "postgresql+psycopg://lora:lora@127.0.0.1:5432/lora_search_test"
 PROXY_START_S = 120
+# TPE's figure beside the random one: fewer trials in the full run. TPE reads the study's trials from the storage for
+# each suggestion and fits on all of them, so its cost per trial grows with the study (quick run, 100 trials: 225 ms a
+# trial on SQLite against 165 ms with the random sampler); 300 keeps the full run's time bounded.
+TPE_TRIALS = 300
 
 # The trial budget of each model's runs (sweep.trial replaces the sweep file's). The tiny model's trials are long
-# enough (a few seconds) that a worker's start-up does not swamp them; the embedded model's are rank_lr's own.
+# enough (about 4 s on one thread) that the workers overlap: a worker's start-up (about 10 s) does not swamp them;
+# the embedded model's are rank_lr's own (10 steps, about 20 s on 2 cores).
 MODELS = {
     "tiny_llama": {
         "overrides": ["model=tiny_llama", "data.train_per_task=24", "data.eval_per_task=6"],
-        "trial": {"trainer.max_steps": 24, "trainer.eval_every": 12, "trainer.eval_subset": 8,
+        "trial": {"trainer.max_steps": 48, "trainer.eval_every": 24, "trainer.eval_subset": 8,
                   "trainer.batch_size": 4, "trainer.exact_match_items": 0, "trainer.final_eval": "subset"},
     },
     "smollm2_135m": {  # the embedded default: no model= override
@@ -210,13 +216,13 @@ def no_op_loop(url: str | None, n: int, sampler: str) -> dict:
         if hasattr(opened, "close"):  # the gRPC client's channel
             with contextlib.suppress(Exception):
                 opened.close()
-    stored = n  # the trials are counted on the client: the study may be deleted by now
     return {
-        "trials": stored,
+        "trials": n,
         "ms_per_trial": round(1000 * statistics.fmean(times), 3),
         "ms_per_trial_first_100": round(1000 * statistics.fmean(times[:100]), 3),
         "ms_per_trial_last_100": round(1000 * statistics.fmean(times[-100:]), 3),
         "ms_per_trial_median": round(1000 * statistics.median(times), 3),
+        "ms_per_trial_by_100": [round(1000 * statistics.fmean(times[i:i + 100]), 2) for i in range(0, n, 100)],
         "total_s": round(sum(times), 3),
         "open_s": round(open_s, 3),
     }
@@ -319,6 +325,7 @@ def cli_run(model: str, n: int, workers: int, store: str, work: Path, cache_dir:
     env = {k: v for k, v in os.environ.items() if k != STORAGE_ENV}  # SQLite under results_dir, not the user's
     log_path = results_dir / "cli.log"
     log.info("== %s: %d workers on %s, n_trials=%d", model, workers, store, n)
+    load = round(os.getloadavg()[0], 2)  # another process busy on the cores slows every figure here
     t0 = time.time()
     try:
         with open(log_path, "w") as out:
@@ -333,7 +340,7 @@ def cli_run(model: str, n: int, workers: int, store: str, work: Path, cache_dir:
            "command": "python -m lora_search " + " ".join(a for a in args if not a.startswith(("results_dir=",
                                                                                               "sweep.storage=",
                                                                                               "cache_dir="))),
-           "exit_code": code, "process_s": round(process_s, 1)}
+           "exit_code": code, "process_s": round(process_s, 1), "load_average_at_start": load}
     if code != 0:
         row["error"] = f"exit {code}: {log_path.read_text()[-1500:]}"
     try:
@@ -354,6 +361,11 @@ def cli_run(model: str, n: int, workers: int, store: str, work: Path, cache_dir:
         "trials_per_worker": sorted(Counter(str(t.user_attrs.get("worker", "?")) for t in finished).values(),
                                     reverse=True),
     })
+    warned = [line.strip()[:300] for line in log_path.read_text().splitlines() if "exited with code" in line]
+    if warned or len(row["trials_per_worker"]) < workers:  # a worker that ran no trial: too late, or it failed
+        row["worker_warnings"] = warned
+        row["worker_log_tails"] = {p.stem: p.read_text()[-400:] for p in
+                                   sorted((results_dir / name / "workers").glob("worker*.log"))}
     if finished:
         last = max(t.datetime_complete.timestamp() for t in finished)
         first = min(t.datetime_start.timestamp() for t in trials if t.datetime_start)
@@ -400,7 +412,7 @@ def run(quick: bool = False, trials: int | None = None, tpe_trials: int | None =
         cache_dir: str | None = None, out: Path | str | None = None) -> dict:
     """Measure both parts and write the record (results/bench/scale.json; results/bench-quick/scale.json quick)."""
     n = trials or (100 if quick else 1000)
-    tpe_n = n if tpe_trials is None else tpe_trials
+    tpe_n = (n if quick else min(n, TPE_TRIALS)) if tpe_trials is None else tpe_trials
     models = {"tiny_llama": 4} if quick else {"tiny_llama": 16, "smollm2_135m": 8}
     runs = QUICK_RUNS if quick else FULL_RUNS
     timeout_s = 300 if quick else 1800
@@ -441,7 +453,8 @@ def summary(rec: dict) -> str:
         for row in m.get("runs") or []:
             lines.append(f"{model} {row['workers']} workers ({row['storage']}): "
                          + (f"{common.fmt(row.get('trials_per_hour'), '.0f')} trials/h, {row.get('finished')}/"
-                            f"{row['n_trials']} finished, trial mean {common.fmt(row.get('trial_mean_s'), '.1f')} s"
+                            f"{row['n_trials']} finished, trial mean {common.fmt(row.get('trial_mean_s'), '.1f')} s, "
+                            f"{len(row.get('trials_per_worker') or [])} of {row['workers']} workers ran trials"
                             if row.get("finished") else row.get("error", "no trials")[:300]))
     return "\n".join(lines)
 
@@ -451,7 +464,9 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="100 trials per storage; tiny model, 4 trials, 1 and 2 workers")
     p.add_argument("--trials", type=int, default=None, help="trials per storage measurement (1000; 100 with --quick)")
-    p.add_argument("--tpe-trials", type=int, default=None, help="trials of the TPE measurement (as --trials; 0: none)")
+    p.add_argument("--tpe-trials", type=int, default=None,
+                   help=f"trials of the TPE measurement ({TPE_TRIALS}, at most --trials; as --trials with --quick; "
+                        "0: none)")
     p.add_argument("--parts", default="storage,workers", help="storage, workers or both (comma-separated)")
     p.add_argument("--cache-dir", default=None, help="the model cache (default: lora_search's)")
     p.add_argument("--out", default=None, help="the record (default results/bench/scale.json; "

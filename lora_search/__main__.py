@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(EXIT_USAGE)
         return
     try:
+        argv = compose.launcher_jobs(argv)  # -m hydra/launcher=slurm sweep.workers=N: N jobs of one worker
         compose.check_overrides(preflight.overrides_of(argv))
         if preflight.is_run(argv):
             preflight.check(preflight.compose(argv))

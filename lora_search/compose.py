@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import typing
 from pathlib import Path
 
@@ -260,3 +261,45 @@ def load_config(overrides: list[str] = ()) -> schema.RunConfig:
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
         cfg = compose(config_name="config", overrides=hydra_overrides(list(overrides)))
     return to_run_config(cfg, list(overrides))
+
+
+CLUSTER_LAUNCHERS = ("slurm", "slurm_cpu", "submitit_slurm")  # each job may land on another machine
+JOB_LAUNCHERS = (*CLUSTER_LAUNCHERS, "local", "submitit_local")
+
+
+def launcher_jobs(args: list[str]) -> list[str]:
+    """A multirun through a submitit launcher (`-m hydra/launcher=slurm sweep.workers=8`): the launcher starts the
+    workers, one job each, so sweep.workers=N becomes N jobs (`worker=range(N)`, the array's size) of one worker
+    process each (`sweep.workers=1`); an explicit `worker=...` sweep is left as it is. Then a cluster launcher with an
+    SQLite storage is refused (ConfigError): its jobs run on several machines."""
+    from lora_search import secrets, storage
+
+    if not any(a in ("-m", "--multirun") for a in args):
+        return list(args)
+    launcher = next((a.split("=", 1)[1] for a in args if a.startswith("hydra/launcher=")), None)
+    if launcher not in JOB_LAUNCHERS:
+        return list(args)
+    out, workers = list(args), None
+    for i, arg in enumerate(args):
+        if arg.startswith("sweep.workers=") and arg.split("=", 1)[1].isdigit():
+            workers = int(arg.split("=", 1)[1])
+            if not any(a.startswith("worker=") for a in args) and workers > 1:
+                out[i] = "sweep.workers=1"
+                out.append(f"worker=range({workers})")
+    jobs = workers if workers and workers > 1 else _range_size(next((a for a in out if a.startswith("worker=")), ""))
+    given = next((a.split("=", 1)[1] for a in args if a.startswith("sweep.storage=")), None)
+    url = given or os.environ.get(secrets.STORAGE_ENV) or "sqlite:///results/<study>/study.db"
+    if launcher in CLUSTER_LAUNCHERS and jobs > 1 and storage.kind(url) == "sqlite":
+        raise ConfigError(f"hydra/launcher={launcher} runs the {jobs} workers as jobs on several machines, but the "
+                          f"study's storage is SQLite ({secrets.mask_url(url)}), which several machines cannot "
+                          f"share; set sweep.storage to {storage.ALTERNATIVES}")
+    return out
+
+
+def _range_size(arg: str) -> int:
+    """How many jobs `worker=range(N)` / `worker=0,1,2` makes (1 when unknown)."""
+    value = arg.split("=", 1)[1] if "=" in arg else ""
+    m = re.fullmatch(r"range\((\d+)(?:,\s*(\d+))?\)", value)
+    if m:
+        return int(m.group(2)) - int(m.group(1)) if m.group(2) else int(m.group(1))
+    return len(value.split(",")) if value else 1

@@ -176,14 +176,17 @@ def test_the_promotion_is_claimed_once_and_taken_over_from_a_dead_or_failed_clai
 
 
 def test_claims_race_across_processes_through_every_storage(tmp_path):
-    """Six processes claim one study at once: exactly one wins (SQLite and a journal; PostgreSQL in the slow tests)."""
+    """Six processes claim one study at once: exactly one wins (SQLite, a journal, and PostgreSQL when CI starts one)."""
     import multiprocessing
+    import uuid
 
     ctx = multiprocessing.get_context("spawn")
-    for url in (f"sqlite:///{tmp_path / 'c.db'}", f"journal://{tmp_path / 'c.journal'}"):
-        optuna.create_study(study_name="race", storage=storage.open_url(url))
+    pg = os.environ.get("LORA_SEARCH_TEST_PG")
+    for url in (f"sqlite:///{tmp_path / 'c.db'}", f"journal://{tmp_path / 'c.journal'}", *([pg] if pg else [])):
+        name = f"race_{uuid.uuid4().hex[:8]}"
+        optuna.create_study(study_name=name, storage=storage.open_url(url))
         barrier, results = ctx.Barrier(6), ctx.Queue()
-        procs = [ctx.Process(target=_claim_in_a_worker, args=(url, barrier, results)) for _ in range(6)]
+        procs = [ctx.Process(target=_claim_in_a_worker, args=(url, name, barrier, results)) for _ in range(6)]
         for p in procs:
             p.start()
         outcomes = [results.get(timeout=120) for _ in procs]
@@ -192,12 +195,12 @@ def test_claims_race_across_processes_through_every_storage(tmp_path):
         assert sorted(outcomes) == ["lost"] * 5 + ["won"], url
 
 
-def _claim_in_a_worker(url, barrier, results) -> None:
+def _claim_in_a_worker(url, name, barrier, results) -> None:
     from lora_search import claims, storage
     from lora_search.compose import load_config
 
     cfg = load_config(["model=tiny_llama", "tracking=none"])
-    study = optuna.load_study(study_name="race", storage=storage.open_url(url))
+    study = optuna.load_study(study_name=name, storage=storage.open_url(url))
     barrier.wait(timeout=60)
     try:
         results.put("won" if claims.take(study, cfg, "/r").mine else "lost")

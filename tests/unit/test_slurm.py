@@ -178,11 +178,13 @@ def test_cli_accepts_the_slurm_launcher_and_prints_it(tmp_path):
 
 @pytest.mark.slow  # the whole command: lora_search, Hydra's multirun, the launcher pickled and "submitted"
 def test_multirun_through_the_cli_submits_one_array_per_sweep(tmp_path, fake_slurm):
-    """`python -m lora_search -m stage=search hydra/launcher=slurm worker=range(3)`: the stand-in sbatch receives one
-    array script of 3 tasks, then refuses it (a stand-in cannot run the jobs, and the launcher would wait for them), so
-    the command fails after the submission: the script is what is checked."""
+    """`python -m lora_search -m stage=search hydra/launcher=slurm sweep.workers=3 sweep.storage=postgresql...`: the
+    array's size comes from sweep.workers; the stand-in sbatch receives one array script of 3 tasks, then refuses it
+    (a stand-in cannot run the jobs, and the launcher would wait for them), so the command fails after the
+    submission: the script is what is checked."""
     proc = subprocess.run(
-        [sys.executable, "-m", "lora_search", "-m", "stage=search", "hydra/launcher=slurm", "worker=range(3)",
+        [sys.executable, "-m", "lora_search", "-m", "stage=search", "hydra/launcher=slurm", "sweep.workers=3",
+         "sweep.storage=postgresql+psycopg://lora@db.example/lora_search",
          "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=30", f"results_dir={tmp_path / 'results'}",
          "tracking=none"],
         cwd=REPO, capture_output=True, text=True, timeout=120,
@@ -197,3 +199,29 @@ def test_multirun_through_the_cli_submits_one_array_per_sweep(tmp_path, fake_slu
         assert line in lines, script
     assert f"{tmp_path / 'results'}/rank_lr/submitit/" in script
     assert "submitit.core._submit" in script
+
+
+def test_sweep_workers_becomes_the_array_and_sqlite_is_refused_on_a_cluster():
+    from lora_search.compose import launcher_jobs
+    from lora_search.errors import ConfigError
+
+    pg = "sweep.storage=postgresql+psycopg://u@db/x"
+    assert launcher_jobs(["-m", "hydra/launcher=slurm", "sweep.workers=8", pg]) == \
+        ["-m", "hydra/launcher=slurm", "sweep.workers=1", pg, "worker=range(8)"]
+    assert launcher_jobs(["-m", "hydra/launcher=slurm", "worker=range(4)", pg]) == \
+        ["-m", "hydra/launcher=slurm", "worker=range(4)", pg]  # an explicit worker sweep is kept
+    assert launcher_jobs(["sweep.workers=8"]) == ["sweep.workers=8"]  # one machine: worker processes, as before
+    with pytest.raises(ConfigError) as info:
+        launcher_jobs(["-m", "hydra/launcher=slurm", "worker=range(4)"])
+    assert "SQLite" in str(info.value) and "journal://" in str(info.value) and "postgresql" in str(info.value)
+    # the local launcher keeps every job on this machine: SQLite is fine there
+    assert launcher_jobs(["-m", "hydra/launcher=submitit_local", "sweep.workers=2"])[-1] == "worker=range(2)"
+
+
+def test_the_cli_refuses_sqlite_for_slurm_workers_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lora_search", "-m", "stage=search", "hydra/launcher=slurm",
+                           "worker=range(4)", f"results_dir={tmp_path}"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env={k: v for k, v in os.environ.items() if k != "LORA_SEARCH_STORAGE"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "several machines" in proc.stderr
+    assert not any(tmp_path.iterdir())
