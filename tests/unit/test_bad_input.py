@@ -160,6 +160,13 @@ CASES = [
     ('cmaes-with-several-objectives', ['sweep=rank_lr_pareto', 'sweep.sampler=cmaes'], 'sweep.sampler=cmaes optimizes one objective'),
     ('memory-budget-not-a-number', ['sweep.memory_budget_mb=lots'], 'sweep.memory_budget_mb must be a positive number of MB, auto'),
     ('memory-budget-below-the-base-model', ['sweep.memory_budget_mb=0.01'], "is below the base model's own weights"),
+    ('journal-folder-missing', ['sweep.storage=journal:///nonexistent/studies/s.journal'],
+     "no such folder '/nonexistent/studies' for the journal file"),
+    ('grpc-url-without-port', ['sweep.storage=grpc://proxyhost'], "a gRPC proxy URL is grpc://host:port"),
+    ('grpc-proxy-not-running', ['sweep.storage=grpc://127.0.0.1:9'],
+     "no gRPC storage proxy answers at 127.0.0.1:9"),
+    ('sqlite-for-cluster-workers', ['-m', 'stage=search', 'hydra/launcher=slurm', 'sweep.workers=4'],
+     "which several machines cannot share"),
 ]
 
 
