@@ -5,7 +5,7 @@
 #   make test-fast  the fast unit tests (under 5 minutes)
 #   make dashboard  optuna-dashboard for a study on http://127.0.0.1:8080 (SWEEP=rank_lr)
 #   make bench      the benchmarks in benchmarks/ (each writes results/bench/<name>.json; run on a quiet
-#                   machine: about 160 minutes on a 2-core CPU, pruning 80 of them), then the README's
+#                   machine: about 190 minutes on a 2-core CPU, pruning 80 of them), then the README's
 #                   performance section generated from those records
 PYTHON ?= python3
 VENV ?= .venv

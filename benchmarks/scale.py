@@ -306,6 +306,21 @@ def warm_cache(model: str, cache_dir: str | None) -> None:
     log.info("%s cached (%.1f s)", model, time.perf_counter() - t0)
 
 
+def _stop_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """SIGTERM to the command's process group (it and the workers it started: they record their running trials as
+    interrupted), then SIGKILL to whatever of the group is still alive."""
+    import signal
+
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=grace_s)
+    time.sleep(2)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def cli_run(model: str, n: int, workers: int, store: str, work: Path, cache_dir: str | None,
             timeout_s: int) -> dict:
     """One `python -m lora_search stage=search ...` with `workers` workers on `store`; its figures from the study."""
@@ -327,13 +342,17 @@ def cli_run(model: str, n: int, workers: int, store: str, work: Path, cache_dir:
     log.info("== %s: %d workers on %s, n_trials=%d", model, workers, store, n)
     load = round(os.getloadavg()[0], 2)  # another process busy on the cores slows every figure here
     t0 = time.time()
+    with open(log_path, "w") as out:  # its own process group: the workers it spawns are stopped with it
+        proc = subprocess.Popen([sys.executable, "-m", "lora_search", *args], cwd=ROOT, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        with open(log_path, "w") as out:
-            done = subprocess.run([sys.executable, "-m", "lora_search", *args], cwd=ROOT, env=env, stdout=out,
-                                  stderr=subprocess.STDOUT, timeout=timeout_s)
-        code = done.returncode
+        code = proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        code = "timeout"
+        code = f"timeout after {timeout_s} s"
+        _stop_group(proc)
+    except BaseException:  # Ctrl-C: no worker left behind
+        _stop_group(proc)
+        raise
     process_s = time.time() - t0
     row = {"workers": workers, "storage": store, "n_trials": n, "threads_per_worker": max(1, (os.cpu_count() or 1)
                                                                                           // workers),

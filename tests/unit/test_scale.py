@@ -175,6 +175,7 @@ def test_the_promotion_is_claimed_once_and_taken_over_from_a_dead_or_failed_clai
     assert claims.take(study, cfg, "/results/f").mine
 
 
+@pytest.mark.slow  # 6 spawned interpreters per storage
 def test_claims_race_across_processes_through_every_storage(tmp_path):
     """Six processes claim one study at once: exactly one wins (SQLite, a journal, and PostgreSQL when CI starts one)."""
     import multiprocessing
