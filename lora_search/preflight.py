@@ -120,7 +120,8 @@ def check_study_exists(cfg: RunConfig) -> None:
     if database and database != ":memory:" and not Path(database).is_file():
         names, found = [], "no such file"
     else:
-        names = optuna.study.get_all_study_names(storage=storage.open_rdb(cfg))
+        names = [n for n in optuna.study.get_all_study_names(storage=storage.open_rdb(cfg))
+                 if ":promotion@" not in n]  # claims.py's claim studies are not studies to name
         found = f"studies there: {', '.join(sorted(names))}" if names else "it holds no study"
     if cfg.sweep.name not in names:
         raise ConfigError(f"no study {cfg.sweep.name!r} in storage {secrets.mask_url(url)!r} ({found}); stage="

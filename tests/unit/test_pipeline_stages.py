@@ -65,10 +65,11 @@ def test_finished_stages_are_skipped_unless_named_or_forced_and_the_sweep_ends_w
     assert len(study_lib.finished(study_lib.open_study(cfg))) == 2  # the finished search is never redone
 
 
-@pytest.mark.slow  # two worker processes started by Hydra's submitit launcher, each loading the model
-def test_submitit_launcher_runs_two_workers_on_one_shared_study(tmp_path, tiny_cache):
-    """README "More workers": `-m stage=search hydra/launcher=submitit_slurm worker='range(8)'`; submitit_local runs the
-    same launcher without a cluster."""
+@pytest.mark.slow  # worker processes started by Hydra's submitit launcher, each loading the model
+def test_submitit_launcher_runs_two_workers_on_one_shared_study_then_the_later_stages_once(tmp_path, tiny_cache):
+    """README (SLURM): `-m stage=search hydra/launcher=slurm sweep.workers=N`; the shipped `local` launcher runs the same
+    submitit path without a cluster: 2 workers share one study, which ends at exactly n_trials; then two `stage=all`
+    jobs of the same launcher find the search finished, and exactly one of them promotes, merges and reports."""
     import subprocess
     import sys
     from pathlib import Path
@@ -77,16 +78,26 @@ def test_submitit_launcher_runs_two_workers_on_one_shared_study(tmp_path, tiny_c
     shared = tmp_path / "shared"
     shared.mkdir()
     url = f"sqlite:///{shared / 'study.db'}"
-    proc = subprocess.run(
-        [sys.executable, "-m", "lora_search", "-m", "stage=search", "hydra/launcher=submitit_local", "worker=range(2)",
-         "model=tiny_llama", f"results_dir={tmp_path / 'results'}", f"cache_dir={tiny_cache}", "tracking=none", *SMALL,
-         "sweep.n_trials=3", "sweep.pruner=none", f"sweep.storage={url}"],
-        cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=900)
+    results = tmp_path / "results"
+    common = ["hydra/launcher=local", "model=tiny_llama", f"results_dir={results}", f"cache_dir={tiny_cache}",
+              "tracking=none", *SMALL, "sweep.n_trials=3", "sweep.pruner=none", f"sweep.storage={url}"]
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "lora_search", "-m", "stage=search", "sweep.workers=2", *common],
+                          cwd=repo, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     study = optuna.load_study(study_name="rank_lr", storage=url)
     finished = study_lib.finished(study)
-    assert len({t.user_attrs["worker"] for t in finished}) == 2  # both workers ran trials
-    # Optuna's MaxTrialsCallback is checked by each worker before its next trial: with 2 workers the study can end
-    # with one finished trial more than n_trials (never fewer), and none left running.
-    assert 3 <= len(finished) <= 4
+    assert len({t.user_attrs["worker"] for t in finished}) == 2  # both workers (jobs) ran trials
+    assert len(finished) == 3  # exactly n_trials: slots, not one more per worker
     assert not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+
+    proc = subprocess.run([sys.executable, "-m", "lora_search", "-m", "stage=all", "worker=range(2)", *common,
+                           "benchmark.latency_prompts=1", "benchmark.int8_dynamic=false",
+                           "++sweep.promotion={trainer.max_steps: 4, trainer.eval_every: 0}"],
+                          cwd=repo, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    logs = [p.read_text() for p in (results / "rank_lr" / "submitit").rglob("*_log.*")]
+    assert sum("this process promotes" in text for text in logs) == 1, logs
+    assert sum("the promotion is claimed by" in text for text in logs) == 1
+    assert (results / "rank_lr" / "full" / "merged").is_dir() and (results / "rank_lr" / "report.md").exists()
+    assert len(study_lib.finished(study)) == 3  # the finished search was not run again
