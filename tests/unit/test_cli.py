@@ -21,6 +21,7 @@ def cli(*args, env=None):
                           timeout=600, env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow  # a subprocess of the whole CLI (make test runs it; test-fast stays under 5 minutes)
 def test_stage_train_on_tiny_model_writes_the_run_folder(tmp_path, tiny_cache):
     proc = cli("stage=train", "model=tiny_llama", "run_name=t1", f"results_dir={tmp_path}", f"cache_dir={tiny_cache}",
                *TINY_FAST)
@@ -56,6 +57,7 @@ def _bad_file(tmp_path):
          "is missing column(s) prompt, completion; it has: question, reply"),
     ],
 )
+@pytest.mark.slow  # one subprocess per case (the in-process catalogue, test_bad_input.py, stays fast)
 def test_bad_input_fails_fast_with_one_line(args, expected, tmp_path, tiny_cache):
     args = [a.replace("BADFILE", str(_bad_file(tmp_path))) for a in args]
     proc = cli("stage=train", f"results_dir={tmp_path}", f"cache_dir={tiny_cache}", *args)
@@ -80,6 +82,7 @@ def test_nf4_without_bitsandbytes_exits_with_one_line(monkeypatch, capsys, tmp_p
     assert "error: quant=nf4 (mode nf4) needs bitsandbytes, which is not installed" in err
 
 
+@pytest.mark.slow  # a subprocess of the whole CLI (make test runs it; test-fast stays under 5 minutes)
 def test_several_problems_are_listed_together(tmp_path):
     proc = cli("stage=train", "lora.r=0", "lora.dropout=3", f"results_dir={tmp_path}")
     assert proc.returncode == 2

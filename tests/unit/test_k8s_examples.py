@@ -149,6 +149,7 @@ def storage_env(tmp_path, monkeypatch):
     return url
 
 
+@pytest.mark.slow  # composes the real SmolLM2 sweep for each container
 def test_every_container_command_passes_the_cli_checks(storage_env, tmp_path, tiny_cache):
     """The real sweep=rank_lr (the embedded SmolLM2's GGUF metadata is read): composed and checked, nothing run."""
     from lora_search import storage

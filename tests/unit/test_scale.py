@@ -129,6 +129,7 @@ def test_a_worker_waits_before_asking_while_running_trials_fill_the_study(tmp_pa
 
 
 @pytest.mark.parametrize("kind", ["journal", "sqlite"])
+@pytest.mark.slow  # waits on heartbeats or starts subprocesses
 def test_a_dead_workers_trial_fails_by_heartbeat_with_a_reason_and_is_queued_again(tmp_path, kind):
     """Optuna has heartbeats for databases only; the journal gets them as a trial attribute. Either way the stale
     trial is failed with the reason the chaos test looks for, and its configuration is queued once."""
@@ -247,6 +248,7 @@ def test_journal_and_grpc_urls_are_checked_before_anything_runs(tmp_path, make_c
     (["--storage", "sqlite:////tmp/x.db", "--port", "70000"], "--port must be from 1 to 65535"),
     (["--storage", "sqlite:////tmp/x.db", "--prot", "1"], "storage-proxy: see the usage"),
 ])
+@pytest.mark.slow  # waits on heartbeats or starts subprocesses
 def test_storage_proxy_bad_input_is_one_line(args, expected, monkeypatch):
     monkeypatch.delenv("LORA_SEARCH_STORAGE", raising=False)
     proc = subprocess.run([sys.executable, "-m", "lora_search", "storage-proxy", *args], cwd=REPO, capture_output=True,
@@ -254,6 +256,7 @@ def test_storage_proxy_bad_input_is_one_line(args, expected, monkeypatch):
     assert proc.returncode == 2 and expected in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow  # waits on heartbeats or starts subprocesses
 def test_the_grpc_proxy_serves_a_study_to_clients(tmp_path):
     """`python -m lora_search storage-proxy` in front of SQLite; a client through grpc:// sees what another wrote,
     and the proxy's clients get heartbeats."""
@@ -284,6 +287,7 @@ def test_the_grpc_proxy_serves_a_study_to_clients(tmp_path):
         proxy.wait(timeout=30)
 
 
+@pytest.mark.slow  # waits on heartbeats or starts subprocesses
 def test_a_claim_held_on_another_machine_is_waited_for_then_taken_over_when_its_heartbeat_stops(tmp_path, make_cfg):
     cfg = make_cfg("sweep.heartbeat_s=1")
     study = _study(tmp_path, "rank_lr")

@@ -68,9 +68,9 @@ def _finish_again(tmp_path: Path, cache: str) -> list:
     return trials
 
 
-# Each runs the command twice (interrupted, then resumed): SIGINT stays in the fast tests, SIGTERM and SIGKILL are slow.
-@pytest.mark.parametrize("signum, code", [pytest.param(signal.SIGTERM, 143, marks=pytest.mark.slow),
-                                          (signal.SIGINT, 130)])
+# Each runs the command twice (interrupted, then resumed).
+@pytest.mark.slow  # each runs the command twice in subprocesses
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_fails_the_trial_as_interrupted_and_the_same_command_resumes(tmp_path, tiny_cache, signum, code):
     proc = _start(tmp_path, tiny_cache, "run1.log")
     try:
@@ -150,6 +150,7 @@ def test_an_interrupted_search_forwards_the_signal_to_the_workers_it_started(tmp
             worker.kill()
 
 
+@pytest.mark.slow  # a subprocess interrupted mid-run
 def test_sigterm_during_a_train_run_records_it_as_interrupted_and_exits_143(tmp_path, tiny_cache):
     run = tmp_path / "results" / "runs" / "t"
     cmd = [sys.executable, "-m", "lora_search", "stage=train", "model=tiny_llama", "tracking=none", "run_name=t",
