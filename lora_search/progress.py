@@ -7,9 +7,10 @@ overshoot by up to k - 1. Here a trial trains only when the finished trials plus
 leave room: ahead are the trials already admitted (system attribute `lora_search:admitted`) and the lower-numbered
 running ones. Trial numbers are handed out atomically by every Optuna storage, so two trials that pass the check at
 the same moment settle by number: after marking itself admitted each re-checks against the lower-numbered running
-trials only, and the higher one gives the slot up and waits. A worker waits for a slot before asking for a trial (StopAt,
-wait_for_slot), so a trial that finds none — a race — is rare; it waits, and if the study fills meanwhile it fails
-as "not needed" without training. While waiting, the trials of workers that died are failed (and queued once).
+trials only, and the higher one gives the slot up and waits. A trial with no lower-numbered trial queued needs no mark
+(none can start after it and precede it), so the common case costs one read of the study and no write. A worker waits
+for a slot before asking for a trial (StopAt, wait_for_slot), so a trial that finds none (a race) is rare; it waits,
+and if the study fills meanwhile it fails as "not needed" without training. While waiting, the trials of workers that died are failed (and queued once).
 """
 
 from __future__ import annotations
@@ -44,9 +45,23 @@ class NotNeeded(Exception):
 def running_ahead(study: optuna.Study, number: int | None, admitted: bool = True) -> int:
     """Running trials other than `number` that hold or precede its slot: lower-numbered ones and (admitted=True)
     the admitted ones."""
-    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    return sum(1 for t in running if t.number != number
-               and ((admitted and t.system_attrs.get(ADMITTED)) or number is None or t.number < number))
+    return _counts(study, number, admitted)[1]
+
+
+def _counts(study: optuna.Study, number: int | None, admitted: bool = True) -> tuple[int, int, bool]:
+    """From one read of the study: (finished trials, running trials ahead of `number`, whether a lower-numbered trial
+    is still queued)."""
+    done = ahead = 0
+    queued = False
+    for t in study.get_trials(deepcopy=False):
+        if t.state in FINISHED and not feasible.is_infeasible(t):
+            done += 1
+        elif t.state == TrialState.RUNNING and t.number != number and (
+                (admitted and t.system_attrs.get(ADMITTED)) or number is None or t.number < number):
+            ahead += 1
+        elif t.state == TrialState.WAITING and number is not None and t.number < number:
+            queued = True
+    return done, ahead, queued
 
 
 def _reap(study: optuna.Study, out) -> None:
@@ -64,10 +79,9 @@ def wait_for_slot(study: optuna.Study, n: int, out=None, number: int | None = No
     reached n finished trials (or the deadline, time.monotonic(), passed) first."""
     waited = False
     while True:
-        done = len(finished(study))
+        done, ahead, _ = _counts(study, number)
         if done >= n:
             return False
-        ahead = running_ahead(study, number)
         if done + ahead < n:
             return True
         if deadline is not None and time.monotonic() >= deadline:
@@ -83,6 +97,11 @@ def wait_for_slot(study: optuna.Study, n: int, out=None, number: int | None = No
 def admit(study: optuna.Study, trial: optuna.Trial, n: int, out=None, poll_s: float = POLL_S) -> None:
     """Hold `trial` until it has a slot, then mark it admitted; NotNeeded when the study fills first."""
     storage = study._storage
+    done, ahead, queued = _counts(study, trial.number)
+    if not queued and done + ahead < n:
+        # No lower-numbered trial is queued, so none can start after this one (a trial queued later gets a higher
+        # number and counts this one as ahead of it): the slot is this trial's without marking (one read, no write).
+        return
     while True:
         if not wait_for_slot(study, n, out, trial.number, poll_s=poll_s):
             raise NotNeeded(f"{NOT_NEEDED}: the study reached n_trials={n} finished trials while this trial waited for "
@@ -90,7 +109,8 @@ def admit(study: optuna.Study, trial: optuna.Trial, n: int, out=None, poll_s: fl
         storage.set_trial_system_attr(trial._trial_id, ADMITTED, True)
         # Re-check after marking: a trial that passed its check at the same moment is settled by number (the lower
         # keeps the slot); one admitted before this trial's check was already counted there.
-        if len(finished(study)) + running_ahead(study, trial.number, admitted=False) < n:
+        done, ahead, _ = _counts(study, trial.number, admitted=False)
+        if done + ahead < n:
             return
         storage.set_trial_system_attr(trial._trial_id, ADMITTED, False)
         time.sleep(poll_s)
