@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import optuna
 
-from lora_search import progress
+from lora_search import guard, progress
+from lora_search.launch import worker_id
 from lora_search.schema import RunConfig
 
 log = logging.getLogger(__name__)
@@ -43,15 +44,10 @@ def claim_name(study_name: str, finished: int, generation: int = 1) -> str:
 
 
 def _alive(attrs: dict, stale_s: float) -> bool:
-    """Whether a running claim's process still lives: by pid on this machine, else by its heartbeat."""
+    """Whether a running claim's process still lives: by pid on this machine (guard's check, which also catches a
+    reused pid), else by its heartbeat."""
     if attrs.get("host") == socket.gethostname() and attrs.get("pid"):
-        try:
-            os.kill(int(attrs["pid"]), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+        return guard._alive(int(attrs["pid"]), datetime.datetime.fromisoformat(attrs["at"]) if attrs.get("at") else None)
     return time.time() - float(attrs.get("heartbeat") or 0) <= stale_s
 
 
@@ -80,7 +76,7 @@ def take(study: optuna.Study, cfg: RunConfig, results_dir: str, poll_s: float = 
     generation = 1
     while True:
         name = claim_name(study.study_name, count, generation)
-        me = {"who": f"{socket.gethostname()}:{os.getpid()}", "host": socket.gethostname(), "pid": os.getpid(),
+        me = {"who": worker_id(), "host": socket.gethostname(), "pid": os.getpid(),
               "at": datetime.datetime.now().isoformat(timespec="seconds"), "heartbeat": time.time(),
               "state": RUNNING, "results_dir": results_dir, "study": study.study_name, "finished_trials": count}
         try:
@@ -145,9 +141,9 @@ def describe(claim: Claim) -> str:
 def wait_for_search(study: optuna.Study, out, poll_s: float = progress.POLL_S) -> None:
     """Before claiming: wait for trials still running in other workers (a timeout can end workers at different
     times), failing those of dead workers."""
-    me = f"{socket.gethostname()}:{os.getpid()}"
     from optuna.trial import TrialState
 
+    me = worker_id()
     said = False
     while True:
         running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))

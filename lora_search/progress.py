@@ -42,12 +42,6 @@ class NotNeeded(Exception):
     """The study reached n_trials while this trial waited for a slot: it ends FAIL without training."""
 
 
-def running_ahead(study: optuna.Study, number: int | None, admitted: bool = True) -> int:
-    """Running trials other than `number` that hold or precede its slot: lower-numbered ones and (admitted=True)
-    the admitted ones."""
-    return _counts(study, number, admitted)[1]
-
-
 def _counts(study: optuna.Study, number: int | None, admitted: bool = True) -> tuple[int, int, bool]:
     """From one read of the study: (finished trials, running trials ahead of `number`, whether a lower-numbered trial
     is still queued)."""
