@@ -1,7 +1,8 @@
 """Stage `benchmark`: the base model against the merged (tuned) one on the same eval set and the same
 prompts: eval loss and perplexity through TRL's SFTTrainer (formatted exactly as in training),
-exact match, greedy generation latency at batch size 1, peak memory and size on disk; also the
-unmerged adapter's latency and, on CPU, a dynamically INT8-quantized merged copy.
+exact match, ROUGE-L and BLEU of greedy answers, generation latency at batch size 1, peak memory
+and size on disk; also the unmerged adapter's latency and, on CPU, a dynamically INT8-quantized
+merged copy.
 
 Each model is loaded once and freed before the next. Writes `results/<study>/benchmark.json`.
 """
@@ -90,15 +91,23 @@ def eval_loss(model, tokenizer, cfg: RunConfig, data: TaskData) -> dict:
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50))}
 
 
+def generates(cfg: RunConfig, data: TaskData) -> int:
+    """How many held-out items the benchmark answers by greedy generation: trainer.exact_match_items of
+    prompt/completion data (preference pairs have no reference answer to score against)."""
+    return min(cfg.trainer.exact_match_items, len(data.eval_answers)) if data.kind == "sft" else 0
+
+
 def exact_match(model, tokenizer, cfg: RunConfig, data: TaskData) -> dict:
-    """Exact match on the first trainer.exact_match_items held-out items (when the data has exact answers)."""
-    n = cfg.trainer.exact_match_items
-    if not (cfg.data.exact_match and n):
+    """Greedy answers to the first trainer.exact_match_items held-out items, one generation pass: ROUGE-L and BLEU
+    against the reference answers, and exact match when they are exact (data.exact_match)."""
+    n = generates(cfg, data)
+    if not n:
         return {}
-    em = evaluate.score(model, tokenizer, data.eval_prompts(n), data.eval_answers[:n], cfg.trainer.max_new_tokens,
-                        cfg.trainer.eval_batch_size)
-    return {"exact_match": em["exact_match"], "exact_match_items": min(n, len(data.eval_answers)),
-            "samples": em["samples"]}
+    scores = evaluate.score(model, tokenizer, data.eval_prompts(n), data.eval_answers[:n], cfg.trainer.max_new_tokens,
+                            cfg.trainer.eval_batch_size)
+    exact = {"exact_match": scores["exact_match"]} if cfg.data.exact_match else {}
+    return {**exact, "rouge_l": scores["rouge_l"], "bleu": scores["bleu"], "exact_match_items": n,
+            "samples": scores["samples"]}
 
 
 def disk_mb(path: str, revision: str | None = None) -> float | None:
@@ -147,8 +156,8 @@ def preference(model, tokenizer, cfg: RunConfig, data: TaskData) -> dict:
 
 def measure(model, tokenizer, cfg: RunConfig, data: TaskData, prompts: Prompts, loss: bool = True,
             em: bool = True) -> dict:
-    """Eval loss and perplexity (when loss; preference pairs: preference accuracy and margin), exact match (when em),
-    then generation latency, of one model."""
+    """Eval loss and perplexity (when loss; preference pairs: preference accuracy and margin), the answers' exact
+    match, ROUGE-L and BLEU (when em), then generation latency, of one model."""
     out = {}
     if loss and data.kind == "preference":
         out.update(preference(model, tokenizer, cfg, data))
@@ -247,7 +256,7 @@ def benchmark_stage(cfg: RunConfig, study_dir: Path, data: TaskData) -> dict:
     report["settings"] = {
         **dataclasses.asdict(cfg.benchmark),
         "batch_size": 1,
-        "exact_match_items": cfg.trainer.exact_match_items if cfg.data.exact_match else 0,
+        "exact_match_items": generates(cfg, data),  # answers scored by exact match (exact data), ROUGE-L, BLEU
         "exact_match_max_new_tokens": cfg.trainer.max_new_tokens,
         "eval_rows": len(data.eval),
         "method": cfg.trainer.method,

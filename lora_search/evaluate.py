@@ -1,5 +1,6 @@
-"""Greedy answers to held-out prompts, formatted exactly as in training, and exact-match scoring; the timing of a
-trainer's optimizer steps and evals, and a run's final eval."""
+"""Greedy answers to held-out prompts, formatted exactly as in training, scored against the reference answers (exact
+match for exact answers, ROUGE-L and BLEU for free text); the timing of a trainer's optimizer steps and evals, and a
+run's final eval."""
 
 from __future__ import annotations
 
@@ -61,11 +62,36 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
     return hits / len(references)
 
 
+def rouge_l(predictions: list[str], references: list[str]) -> float:
+    """Mean ROUGE-L F-measure (rouge-score, Porter stemming), 0..1, over the prediction/reference pairs."""
+    if not references:
+        return 0.0
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)) / len(references)
+
+
+def bleu(predictions: list[str], references: list[str]) -> float:
+    """Corpus BLEU (sacrebleu, its 0-100 scale) of the predictions against one reference each, after normalize();
+    effective order: n-gram orders the answers are too short to have are left out, so matching one-word answers
+    score 100, not 0."""
+    if not references:
+        return 0.0
+    from sacrebleu.metrics import BLEU
+
+    scorer = BLEU(effective_order=True)
+    result = scorer.corpus_score([normalize(p) for p in predictions], [[normalize(r) for r in references]])
+    return min(100.0, float(result.score))  # float rounding can put a perfect score a hair above 100
+
+
 def score(model, tokenizer, prompts: list, references: list[str], max_new_tokens: int, batch_size: int) -> dict:
-    """Exact match of greedy answers, with a few samples for the record."""
+    """Greedy answers (one generation pass) scored by exact match, ROUGE-L and BLEU, with a few samples for the
+    record."""
     answers, stats = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
     samples = [{"answer": a, "reference": r} for a, r in list(zip(answers, references))[:4]]
-    return {"exact_match": exact_match(answers, references), "generate_s": stats["seconds"], "samples": samples}
+    return {"exact_match": exact_match(answers, references), "rouge_l": rouge_l(answers, references),
+            "bleu": bleu(answers, references), "generate_s": stats["seconds"], "samples": samples}
 
 
 class StepTimer(TrainerCallback):

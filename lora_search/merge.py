@@ -29,6 +29,7 @@ CHECK_PROMPTS = 4  # eval prompts whose logits must agree before and after the m
 # Largest |merged - unmerged| logit, relative to the logits' scale (max |logit|, at least 1).
 TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.bfloat16: 5e-2, torch.float16: 2e-2}
 CARD_METRICS = ("eval_loss", "base_eval_loss", "perplexity", "base_perplexity", "exact_match", "base_exact_match",
+                "rouge_l", "base_rouge_l", "bleu", "base_bleu",
                 "preference_accuracy", "base_preference_accuracy", "reward_accuracy", "reward_margin", "steps", "train_tokens", "train_tokens_per_s", "trainable_params", "total_params", "wall_s")
 
 

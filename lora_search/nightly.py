@@ -28,7 +28,7 @@ from lora_search.study import finished, open_study, search_stage, study_dir
 
 log = logging.getLogger(__name__)
 EXIT = {"no_change": 0, "new_champion": 3, "failed": 1}
-SCORED = ("eval_loss", "perplexity", "exact_match")  # metrics re-measured on tonight's data
+SCORED = ("eval_loss", "perplexity", "exact_match", "rouge_l", "bleu")  # metrics re-measured on tonight's data
 
 
 def check(n: NightlyConfig) -> list[str]:
@@ -98,8 +98,8 @@ def score(cfg: RunConfig, adapter_dir: Path, data) -> float | None:
     model = PeftModel.from_pretrained(base.model, str(adapter_dir))
     model.eval()
     try:
-        if metric == "exact_match":
-            return benchmark.exact_match(model, base.tokenizer, cfg, data).get("exact_match")
+        if metric in ("exact_match", "rouge_l", "bleu"):  # one generation pass scores all three
+            return benchmark.exact_match(model, base.tokenizer, cfg, data).get(metric)
         return benchmark.eval_loss(model, base.tokenizer, cfg, data)[metric]
     finally:
         del model, base

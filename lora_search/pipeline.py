@@ -200,7 +200,7 @@ def summarize(study, cfg: RunConfig, out) -> None:
     print("\n" + report.table(header, rows) + "\n")
     bench = records.read_json(out / "benchmark.json")
     if bench and "base" in bench and "tuned" in bench:
-        for key in ("eval_loss", "exact_match", "preference_accuracy"):
+        for key in ("eval_loss", "exact_match", "rouge_l", "bleu", "preference_accuracy"):
             base, tuned = bench["base"].get(key), bench["tuned"].get(key)
             if base is not None and tuned is not None:
                 print(f"{key}: base {base:.4f} -> tuned {tuned:.4f}")

@@ -126,8 +126,13 @@ def method_description(method: str | None = None, n_complete: int | None = None)
 
 
 def importance_sentence(importances: dict[str, float], metric: str, method: str | None = None,
-                        n_complete: int | None = None) -> str:
-    """One sentence reading the importances: "Learning rate explains 71% of the variance of eval loss ..."."""
+                        n_complete: int | None = None, intervals: dict | None = None) -> str:
+    """The importances in a sentence that states no ranking its bootstrap intervals (trust.importance_intervals)
+    do not support: "Learning rate matters most: 62% of the variance of eval loss (90% interval 45-78%) ..." only
+    when its interval lies above every other's and there are enough trials; otherwise the shares with their
+    intervals and a plain "too few to rank"."""
+    from lora_search import trust
+
     what = metric.replace("_", " ")
     if not importances:
         return (f"There are too few complete trials to estimate parameter importances for {what} "
@@ -136,16 +141,51 @@ def importance_sentence(importances: dict[str, float], metric: str, method: str 
     if len(importances) == 1:
         only = _capital(readable(next(iter(importances))))
         return f"{only} is the only parameter searched; the plots show how {what} depends on it."
-    (lead, share), *rest = sorted(importances.items(), key=lambda kv: -kv[1])
-    then = [f"{readable(k)} {v:.0%}" for k, v in rest[:3] if v >= 0.005]
-    verb = (f"explains {share:.0%} of the variance of {what}" if method == "fanova"
-            else f"carries {share:.0%} of the importance for {what}")
-    tail = f", then {', '.join(then[:-1])}{' and ' if len(then) > 1 else ''}{then[-1]}" if then else ""
-    return f"{_capital(readable(lead))} {verb}{tail} ({method_description(method, n_complete)})."
+    intervals = intervals or {}
+    order = sorted(importances, key=lambda k: -importances[k])
+
+    def bracket(k: str) -> str:
+        lo_hi = intervals.get(k)
+        return f" ({100 * lo_hi[0]:.0f}-{lo_hi[1]:.0%})" if lo_hi else ""
+
+    def share(k: str) -> str:
+        return f"{readable(k)} {importances[k]:.0%}{bracket(k)}"
+
+    def listed(keys) -> str:
+        parts = [share(k) for k in keys]
+        return ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
+
+    measure = f"of the variance of {what}" if method == "fanova" else f"of the importance for {what}"
+    how = method_description(method, n_complete)
+    if not intervals:
+        return (f"Estimated shares {measure}: {listed(order)} ({how}); no interval could be estimated from these "
+                "trials, so no ranking is claimed.")
+    level = f"{trust.LEVEL:.0%} bootstrap intervals"
+    n = len(importances)
+    if n_complete is not None and trust.too_few(n_complete, n):
+        return (f"{n_complete} complete trials are too few to rank {n} parameters (it takes at least "
+                f"{trust.MIN_TRIALS_PER_PARAM * n}): the shares {measure} are {listed(order)}, {level} in brackets; "
+                f"run more trials (sweep.n_trials) before reading an order into them ({how}).")
+    ranked = trust.supported_order(importances, intervals)
+    if not ranked:
+        return (f"These trials do not rank the parameters: the shares {measure}, {listed(order)}, have overlapping "
+                f"{level}, so no parameter is shown to matter more than another ({how}).")
+    lead, rest = ranked[0], order[len(ranked):]
+    text = f"{_capital(readable(lead))} matters most: {importances[lead]:.0%} {measure}{bracket(lead)}"
+    if len(ranked) > 1:
+        text += f", then {listed(ranked[1:])}"
+    if len(rest) > 1:
+        text += f"; the order of the rest ({listed(rest)}) is not established"
+    elif rest:
+        text += f", then {share(rest[0])}"
+    return f"{text} ({level}; {how})."
 
 
 def summary(study: optuna.Study, metric: str) -> dict:
-    """Headline numbers of a study: counts by state, best value and params, importances."""
+    """Headline numbers of a study: counts by state, best value and params, importances with their intervals, the
+    eval noise around the best value."""
+    from lora_search import trust
+
     states = [t.state for t in study.get_trials(deepcopy=False)]
     complete = _complete(study, metric)
     several = len(study.directions) > 1
@@ -156,6 +196,7 @@ def summary(study: optuna.Study, metric: str) -> dict:
         except ValueError:  # no feasible trial (all over the memory budget)
             best = None
     shares = importances(study, metric)
+    intervals = trust.importance_intervals(study, shares, metric)
     front = {"objectives": list(study.metric_names or []), "pareto_front": [t.number for t in study.best_trials]} \
         if several else {}
     return {
@@ -166,7 +207,9 @@ def summary(study: optuna.Study, metric: str) -> dict:
         "best_trial": best.number if best else None, "best_value": best.value if best else None,
         "best_params": dict(best.params) if best else {}, "importances": shares,
         "importance_method": importance_method() if shares else None,
-        "importance_sentence": importance_sentence(shares, metric, n_complete=len(complete)),
+        "importance_intervals": {k: list(v) for k, v in intervals.items()},
+        "importance_sentence": importance_sentence(shares, metric, n_complete=len(complete), intervals=intervals),
+        "eval_noise": trust.noise(study, metric),
     }
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import optuna
 
 from lora_search import html as page
-from lora_search import plots, records
+from lora_search import plots, records, trust
 
 
 def _cell(value) -> str:
@@ -39,7 +39,8 @@ def trial_rows(study: optuna.Study, metric: str) -> tuple[list[str], list[list]]
     names = list(study.metric_names or []) if len(study.directions) > 1 else [metric]
     # a DPO study: its trials' preference measures; otherwise exact match
     extra = [k for k in ("reward_accuracy", "preference_accuracy") if k not in names and
-             any(k in t.user_attrs for t in trials)] or [k for k in ["exact_match"] if k not in names]
+             any(k in t.user_attrs for t in trials)] or [k for k in ["exact_match"] if k not in names and any(
+                 t.user_attrs.get(k) is not None for t in trials)]
     if any(t.user_attrs.get("memory_budget_mb") for t in trials):  # a memory-aware study: estimate vs measured
         extra += [k for k in ("estimated_memory_mb", "peak_memory_mb") if k not in names]
     header = ["#", "state", *[k.split(".")[-1] for k in keys], *names, *[k.replace("_", " ") for k in extra], "steps",
@@ -84,6 +85,7 @@ def _front_section(study: optuna.Study, best: dict | None) -> list[str]:
 def _benchmark_section(bench: dict) -> list[str]:
     names = [n for n in ("base", "tuned", "adapter", "int8_dynamic") if n in bench]
     fields = [("eval_loss", "eval loss"), ("perplexity", "perplexity"), ("exact_match", "exact match"),
+              ("rouge_l", "ROUGE-L F (0-1)"), ("bleu", "BLEU (0-100)"),
               ("preference_accuracy", "preference accuracy (held-out pairs)"),
               ("logp_margin", "mean log-prob margin (chosen - rejected)"),
               ("reward_accuracy", "reward accuracy (vs base)"), ("reward_margin", "reward margin (vs base)"),
@@ -94,12 +96,19 @@ def _benchmark_section(bench: dict) -> list[str]:
     return ["## Benchmark: base vs tuned", "", table(["", *names], rows), ""]
 
 
-def _search_sections(shares: dict, drawn: dict, metric: str, n_complete: int) -> list[str]:
+def _search_sections(shares: dict, drawn: dict, metric: str, n_complete: int, intervals: dict) -> list[str]:
     lines = []
     if shares:
-        rows = [[k, plots.readable(k), f"{v:.0%}"] for k, v in shares.items()]
-        lines += ["## Parameter importances", "", f"{plots.method_description(n_complete=n_complete)}.", "",
-                  table(["parameter", "name", "share"], rows), ""]
+        level = f"{trust.LEVEL:.0%} interval"
+        rows = [[k, plots.readable(k), f"{v:.0%}",
+                 f"{100 * intervals[k][0]:.0f}-{intervals[k][1]:.0%}" if k in intervals else "not estimated"]
+                for k, v in shares.items()]
+        how = (f"The interval is the middle {trust.LEVEL:.0%} of the shares re-estimated on {trust.RESAMPLES} "
+               f"bootstrap resamples of the {n_complete} complete trials; a parameter is ranked above another only "
+               "where its interval lies wholly above the other's." if intervals else
+               "No interval could be estimated from these trials (too few, or too alike): read no order into them.")
+        lines += ["## Parameter importances", "", f"{plots.method_description(n_complete=n_complete)}. {how}", "",
+                  table(["parameter", "name", "share", level], rows), ""]
     if drawn:
         lines += ["## Plots", ""]
         for name, (alt, caption) in plots.captions(metric.replace("_", " "), n_complete).items():
@@ -115,6 +124,8 @@ def write_report(study: optuna.Study, cfg, out: Path, title: str | None = None, 
               for t in study.get_trials(deepcopy=False)]
     shares, drawn = plots.importances(study, cfg.sweep.metric), plots.write_plots(study, cfg, out)
     n_complete = states.count("complete")
+    intervals = trust.importance_intervals(study, shares, cfg.sweep.metric)
+    noise = trust.noise_sentence(trust.noise(study, cfg.sweep.metric), cfg.sweep.metric)
     counts = ", ".join(f"{states.count(k)} {k}" for k in ("complete", "pruned", "infeasible", "fail", "running")
                       if k in states)
     title = title or f"Study `{s.name}`"
@@ -125,7 +136,8 @@ def write_report(study: optuna.Study, cfg, out: Path, title: str | None = None, 
     lines = [f"# {title}", "", *preface,
              f"Model `{cfg.model.name}`, data `{cfg.data.name}`, quantization `{cfg.quant.name}`; {objective}; "
              f"sampler {_kind(s.sampler)}, pruner {'none (several objectives)' if several else _kind(s.pruner)}{budget}.",
-             "", f"**What mattered.** {plots.importance_sentence(shares, s.metric, n_complete=n_complete)}", "",
+             "", f"**What mattered.** {plots.importance_sentence(shares, s.metric, n_complete=n_complete, intervals=intervals)}",
+             "", *([f"**Eval noise.** {noise}", ""] if noise else []),
              f"## Trials ({len(states)}: {counts})", ""]
     header, rows = trial_rows(study, s.metric)
     lines += [table(header, rows), ""]
@@ -134,7 +146,7 @@ def write_report(study: optuna.Study, cfg, out: Path, title: str | None = None, 
     if best:
         params = ", ".join(f"`{k}={v}`" for k, v in best["params"].items())
         lines += [f"## Best trial: #{best['trial']}", "", f"{s.metric} {best['value']:.4f} with {params}.", ""]
-    lines += _search_sections(shares, drawn, s.metric, n_complete)
+    lines += _search_sections(shares, drawn, s.metric, n_complete, intervals)
     full = records.read_json(out / "full" / "metrics.json")
     if full and full.get("full_value") is not None:
         delta = full["full_value"] - full["trial_value"]

@@ -110,9 +110,12 @@ def train_stage(cfg: RunConfig) -> Path:
                  metrics["preference_pairs"], metrics["wall_s"])
     else:
         em, base_em = metrics.get("exact_match"), metrics.get("base_exact_match")
-        log.info("eval loss %.4f (base %.4f)%s; %.0f train tokens/s; %.1f s in all",
+        rouge, base_rouge = metrics.get("rouge_l"), metrics.get("base_rouge_l")
+        log.info("eval loss %.4f (base %.4f)%s%s; %.0f train tokens/s; %.1f s in all",
                  metrics["eval_loss"], metrics["base_eval_loss"],
-                 f"; exact match {em:.0%} (base {base_em:.0%})" if em is not None else "",
+                 f"; exact match {em:.0%} (base {base_em:.0%})" if em is not None and base_em is not None else "",
+                 f"; ROUGE-L {rouge:.3f}, BLEU {metrics['bleu']:.1f} (base {base_rouge:.3f}, "
+                 f"{metrics['base_bleu']:.1f})" if rouge is not None and base_rouge is not None else "",
                  metrics["train_tokens_per_s"] or 0, metrics["wall_s"])
     log.info("wrote %s", run_dir)
     return run_dir

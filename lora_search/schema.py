@@ -93,11 +93,12 @@ class TrainerConfig:
     logging_steps: int = 5
     eval_every: int = 20  # steps between cheap evals on the fixed eval subset (0: none)
     eval_subset: int = 32  # rows in that fixed subset
-    exact_match_items: int = 48  # held-out items answered by greedy generation (0: skip)
+    # held-out items answered by greedy generation, scored by exact match, ROUGE-L and BLEU (0: skip)
+    exact_match_items: int = 48
     # The run's final eval: full = every eval row; subset = the fixed eval subset, reusing the last
     # periodic eval when it fell on the last step (what short sweep trials use: no extra pass).
     final_eval: str = "full"
-    max_new_tokens: int = 32  # generation budget for exact match
+    max_new_tokens: int = 32  # generation budget for those answers (a longer free-text answer is cut here)
     num_threads: int = 0  # torch CPU threads (0: torch's default)
 
 
@@ -121,7 +122,7 @@ class DataConfig:
     max_train_rows: Optional[int] = None
     max_eval_rows: Optional[int] = None
     seed: int = 0
-    exact_match: bool = False  # answers are exact strings: score greedy generations against them
+    exact_match: bool = False  # answers are exact strings: exact match too (ROUGE-L and BLEU score any completions)
     # source=embedded: the generated tasks (layout=preference: the preference tasks, as chosen/rejected pairs)
     tasks: List[str] = field(default_factory=list)
     train_per_task: int = 200
@@ -158,6 +159,8 @@ class NightlyConfig:
 
 # The direction each sweep metric is optimized in (sweep.direction=auto follows it).
 METRIC_DIRECTIONS = {"eval_loss": "minimize", "perplexity": "minimize", "exact_match": "maximize",
+                     # greedy answers against free-text references: ROUGE-L F (0..1) and corpus BLEU (sacrebleu, 0-100)
+                     "rouge_l": "maximize", "bleu": "maximize",
                      "train_tokens_per_s": "maximize",
                      # trainer=dpo: the eval pairs' reward accuracy and margin (TRL's, against the reference), and
                      # the preference accuracy (chosen log-probability above rejected, the tuned model alone)
@@ -168,8 +171,12 @@ METRIC_DIRECTIONS = {"eval_loss": "minimize", "perplexity": "minimize", "exact_m
                      "trainable_params": "minimize", "adapter_mb": "minimize", "peak_memory_mb": "minimize",
                      "step_s": "minimize"}
 PREFERENCE_METRICS = ("reward_accuracy", "reward_margin", "preference_accuracy")
+# Scored on greedy answers to eval prompts (evaluate.score, one generation pass for all three): trials generate
+# sweep.exact_match_items answers when one is an objective. They need reference answers (prompt/completion data, not
+# preference pairs); exact_match also needs exact ones (data.exact_match).
+GENERATION_METRICS = ("exact_match", "rouge_l", "bleu")
 # What a trial's quality is measured by (the others are costs): the metric pruning and the single-objective paths read
-QUALITY_METRICS = ("eval_loss", "perplexity", "exact_match") + PREFERENCE_METRICS
+QUALITY_METRICS = ("eval_loss", "perplexity") + GENERATION_METRICS + PREFERENCE_METRICS
 COST_METRICS = ("trainable_params", "adapter_mb", "peak_memory_mb", "train_tokens_per_s", "step_s")
 
 
@@ -178,7 +185,8 @@ class SweepConfig:
     name: str = "rank_lr"  # study name (results/<name>/); the sweep file's name unless set
     n_trials: int = 8  # finished (complete or pruned) trials the study needs, across all runs and workers
     timeout_s: Optional[float] = None  # wall-clock budget for the search in this invocation
-    metric: str = "eval_loss"  # the objective: a key of a trial's metrics (eval_loss, exact_match, perplexity)
+    # the objective: a key of a trial's metrics (eval_loss, perplexity, exact_match, rouge_l, bleu, ...)
+    metric: str = "eval_loss"
     # Several objectives (an Optuna multi-objective study; its Pareto front): [{metric: eval_loss}, {metric:
     # trainable_params, direction: minimize}] or [eval_loss, adapter_mb]; each from METRIC_DIRECTIONS, its direction
     # the metric's own unless stated (a contrary one is refused). When given, sweep.metric becomes its first quality
@@ -197,8 +205,8 @@ class SweepConfig:
     # worker index, and TPE's constant liar is on, so workers started together do not sample the same configuration.
     sampler: Any = "tpe"  # tpe | random | grid | cmaes | gp | nsgaii
     pruner: Any = "median"  # median | successive_halving | hyperband | none
-    # metric=exact_match: eval items each trial answers by greedy generation (its cost is the trial's exact_match_s);
-    # other metrics generate nothing in trials. sweep.trial's trainer.exact_match_items, when given, wins.
+    # metric=exact_match, rouge_l or bleu: eval items each trial answers by greedy generation (its cost is the
+    # trial's exact_match_s); other metrics generate nothing in trials. sweep.trial's trainer.exact_match_items wins.
     exact_match_items: int = 16
     # Config groups this sweep picks unless the command line picks them (sweeps/dpo_beta.yaml: trainer: dpo,
     # data: embedded_preference), so `sweep=<name>` alone composes the run the sweep was written for.

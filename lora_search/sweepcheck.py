@@ -4,10 +4,12 @@ budget and the trainer they go with, listed together before anything trains (stu
 
 from __future__ import annotations
 
-from lora_search import feasible, guard, pareto, samplers
+import difflib
+
+from lora_search import feasible, guard, pairs, pareto, samplers
 from lora_search import trial as space_lib
 from lora_search.errors import ConfigError
-from lora_search.schema import METRIC_DIRECTIONS, PREFERENCE_METRICS, QUALITY_METRICS, RunConfig
+from lora_search.schema import GENERATION_METRICS, METRIC_DIRECTIONS, PREFERENCE_METRICS, QUALITY_METRICS, RunConfig
 from lora_search.validate import validate
 
 METRICS = QUALITY_METRICS + ("train_tokens_per_s",)  # what sweep.metric accepts alone; costs go in sweep.objectives
@@ -32,16 +34,16 @@ def check_sweep(cfg: RunConfig) -> None:
         problems.append(f"sweep.metric={s.metric} is a cost: alone it would favour an adapter that learns nothing; "
                         f"name it with a quality metric in sweep.objectives, e.g. sweep.objectives=[eval_loss,{s.metric}]")
     elif not s.objectives and s.metric not in METRICS:
-        problems.append(f"sweep.metric must be one of {', '.join(METRICS)}; got {s.metric!r}")
-    problems += _method_problems(cfg) + samplers.check(cfg, len(s.objectives) or 1)
-    wants_em = "exact_match" in [m for m, _ in objective_list(cfg)]
-    if wants_em and not cfg.data.exact_match:
-        problems.append(f"sweep.metric=exact_match needs data with exact answers (data.exact_match), data={cfg.data.name}")
+        close = difflib.get_close_matches(str(s.metric), METRICS, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        problems.append(f"sweep.metric must be one of {', '.join(METRICS)}; got {s.metric!r}{hint}")
+    problems += _method_problems(cfg) + _generation_problems(cfg) + samplers.check(cfg, len(s.objectives) or 1)
+    generated = [m for m, _ in objective_list(cfg) if m in GENERATION_METRICS]
     items = s.trial.get("trainer.exact_match_items", s.exact_match_items)
-    if wants_em and not (isinstance(items, int) and items > 0):
+    if generated and not (isinstance(items, int) and items > 0):
         where = "sweep.trial's trainer.exact_match_items" if "trainer.exact_match_items" in s.trial else \
             "sweep.exact_match_items"
-        problems.append(f"sweep.metric=exact_match needs eval items answered in every trial; {where} is {items!r} "
+        problems.append(f"sweep.metric={generated[0]} needs eval items answered in every trial; {where} is {items!r} "
                         "(a positive integer: sweep.exact_match_items, default 16)")
     if not isinstance(s.n_trials, int) or s.n_trials < 1:
         problems.append(f"sweep.n_trials must be a positive integer, got {s.n_trials!r}")
@@ -88,7 +90,7 @@ def _method_problems(cfg: RunConfig) -> list[str]:
     names = [m for m, _ in objective_list(cfg)]
     for metric in [m for m in names if m in PREFERENCE_METRICS and t.method != "dpo"]:
         problems.append(f"sweep.metric={metric} is measured on preference pairs by trainer=dpo; this sweep trains "
-                        f"with trainer={t.method} (use eval_loss, perplexity or exact_match)")
+                        f"with trainer={t.method} (use eval_loss, perplexity, exact_match, rouge_l or bleu)")
     scaling = [k for k in s.space if k in ("trainer.beta", "trainer.loss_type", "trainer.label_smoothing")]
     if "eval_loss" in names and t.method == "dpo" and scaling:
         problems.append(f"sweep.metric=eval_loss compares DPO losses, which {', '.join(scaling)} rescale(s): trials "
@@ -102,6 +104,25 @@ def _method_problems(cfg: RunConfig) -> list[str]:
             problems.append(f"sweep.space: {', '.join(fixed)} cannot be swept with trainer.init_adapter="
                             f"{t.init_adapter}: the starting adapter fixes its rank, scaling and targets; sweep "
                             "lora.dropout, trainer.* keys (beta, learning_rate, ...) or leave init_adapter out")
+    return problems
+
+
+def _generation_problems(cfg: RunConfig) -> list[str]:
+    """Generation metrics score greedy answers against reference answers: preference pairs have none, and exact
+    match needs exact ones (data.exact_match)."""
+    try:
+        method = space_lib.trial_base(cfg).trainer.method
+    except ConfigError:  # a bad key in sweep.trial: check_sweep reports it
+        method = cfg.trainer.method
+    problems = []
+    for metric in [m for m, _ in objective_list(cfg) if m in GENERATION_METRICS]:
+        if method == "dpo" or pairs.is_pairs(cfg.data.layout, cfg.data):
+            problems.append(f"sweep.metric={metric} scores generated answers against reference answers, which "
+                            f"preference pairs (trainer=dpo, data={cfg.data.name}) do not have; use one of "
+                            f"{', '.join(PREFERENCE_METRICS)}")
+        elif metric == "exact_match" and not cfg.data.exact_match:
+            problems.append(f"sweep.metric=exact_match needs data with exact answers (data.exact_match), "
+                            f"data={cfg.data.name}; for free-text answers use sweep.metric=rouge_l or bleu")
     return problems
 
 

@@ -169,8 +169,9 @@ class StepLogger(TrainerCallback):
             log_metrics(self.run, named, step=state.global_step)
 
 
-BENCH_FIELDS = ("eval_loss", "perplexity", "exact_match", "preference_accuracy", "logp_margin", "reward_accuracy",
-                "reward_margin", "latency_p50_s", "latency_p95_s", "tokens_per_s", "peak_memory_mb", "size_mb")
+BENCH_FIELDS = ("eval_loss", "perplexity", "exact_match", "rouge_l", "bleu", "preference_accuracy", "logp_margin",
+                "reward_accuracy", "reward_margin", "latency_p50_s", "latency_p95_s", "tokens_per_s", "peak_memory_mb",
+                "size_mb")
 
 
 def log_benchmark(cfg: RunConfig, out: Path, bench: dict) -> None:

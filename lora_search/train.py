@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from lora_search import adapters, dpo, evaluate, hardware
+from lora_search import adapters, dpo, evaluate, hardware, trust
 from lora_search.evaluate import StepTimer, final_eval, timed_evaluate
 from lora_search.data import TaskData
 from lora_search.models import Base
-from lora_search.schema import RunConfig
+from lora_search.schema import GENERATION_METRICS, RunConfig
 from lora_search.sft import data_key, make_trainer, padding_free, sft_config  # noqa: F401 (padding_free: tests)
 from lora_search.validate import init_adapter_dir
 
@@ -34,7 +34,7 @@ class Worker:
     base: Base
     data: TaskData
     tokenized: dict = field(default_factory=dict)  # data_key(...) -> (train, eval), tokenized by TRL
-    baseline: dict | None = None  # base model's eval loss and exact match (dpo: preference accuracy), computed once
+    baseline: dict | None = None  # base model's eval loss and answer scores (dpo: preference accuracy), computed once
 
 
 def trained_on(worker: Worker) -> dict:
@@ -108,12 +108,15 @@ def prepare_data(worker: Worker, cfg: RunConfig) -> float:
     return seconds
 
 
-def _exact_match(model, worker: Worker, cfg: RunConfig) -> dict:
+def _generation(model, worker: Worker, cfg: RunConfig) -> dict:
+    """Greedy answers to the first trainer.exact_match_items eval prompts, scored against the reference answers
+    (prompt/completion data): ROUGE-L and BLEU, and exact match when the answers are exact (data.exact_match)."""
     n = cfg.trainer.exact_match_items
-    if not (cfg.data.exact_match and n):
+    if not n or worker.data.kind != "sft":
         return {}
-    return evaluate.score(model, worker.base.tokenizer, worker.data.eval_prompts(n), worker.data.eval_answers[:n],
-                          cfg.trainer.max_new_tokens, cfg.trainer.eval_batch_size)
+    scores = evaluate.score(model, worker.base.tokenizer, worker.data.eval_prompts(n), worker.data.eval_answers[:n],
+                            cfg.trainer.max_new_tokens, cfg.trainer.eval_batch_size)
+    return scores if cfg.data.exact_match else {k: v for k, v in scores.items() if k != "exact_match"}
 
 
 def _preference(model, worker: Worker, cfg: RunConfig, pairs) -> dict:
@@ -125,7 +128,7 @@ def _preference(model, worker: Worker, cfg: RunConfig, pairs) -> dict:
 
 
 def baseline(worker: Worker, cfg: RunConfig, trainer, full_eval, peft_model) -> dict:
-    """The base model's eval loss and exact match (adapter disabled; dpo: its preference accuracy and margin on
+    """The base model's eval loss and answer scores (adapter disabled; dpo: its preference accuracy and margin on
     every eval pair), computed once per worker."""
     if worker.baseline is None and cfg.trainer.method == "dpo":
         log.info("scoring the base model's preferences (once per worker)")
@@ -138,28 +141,31 @@ def baseline(worker: Worker, cfg: RunConfig, trainer, full_eval, peft_model) -> 
         log.info("evaluating the base model (once per worker)")
         with peft_model.disable_adapter():
             loss = trainer.evaluate(eval_dataset=full_eval)["eval_loss"]
-            em = _exact_match(peft_model, worker, cfg)
+            em = _generation(peft_model, worker, cfg)
         worker.baseline = {"base_eval_loss": loss, "base_perplexity": math.exp(min(loss, 50)),
-                           "base_exact_match": em.get("exact_match"), "base_samples": em.get("samples")}
-        log.info("base model: eval loss %.4f%s", loss,
-                 f", exact match {em['exact_match']:.0%}" if em else "")
+                           **{f"base_{k}": em.get(k) for k in GENERATION_METRICS}, "base_samples": em.get("samples")}
+        log.info("base model: eval loss %.4f%s%s", loss, f", exact match {em['exact_match']:.0%}" if "exact_match" in em
+                 else "", f", ROUGE-L {em['rouge_l']:.3f}, BLEU {em['bleu']:.1f}" if em else "")
     return worker.baseline
 
 
 def train_adapter(worker: Worker, cfg: RunConfig, out_dir: Path, callbacks=(), report_to=(),
-                  with_baseline: bool = True, save: bool = True) -> dict:
-    """Attach an adapter to the worker's base, train, evaluate, save it; the base is left as it was."""
+                  with_baseline: bool = True, save: bool = True, rows_if=lambda eval_loss: True) -> dict:
+    """Attach an adapter to the worker's base, train, evaluate, save it; the base is left as it was. rows_if(eval
+    loss): whether to also record each eval row's loss (a forward pass over the scored rows; trials ask only when
+    they beat the best so far)."""
     t_start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
     undone = adapters.trainer_patches_undone(worker.base.model)
     with undone, adapters.compact_lm_head(cfg.trainer.compact_lm_head) as compact:
-        metrics = _train(worker, cfg, out_dir, callbacks, report_to, with_baseline, save, t_start)
+        metrics = _train(worker, cfg, out_dir, callbacks, report_to, with_baseline, save, t_start, rows_if)
     return {**metrics, "compact_lm_head": compact}
 
 
-def _train(worker: Worker, cfg: RunConfig, out_dir: Path, callbacks, report_to, with_baseline, save, t_start) -> dict:
+def _train(worker: Worker, cfg: RunConfig, out_dir: Path, callbacks, report_to, with_baseline, save, t_start,
+           rows_if=None) -> dict:
     from transformers import set_seed
 
     set_seed(cfg.trainer.seed)  # the adapter's initial weights: the same params give the same run, whatever ran before
@@ -188,17 +194,26 @@ def _train(worker: Worker, cfg: RunConfig, out_dir: Path, callbacks, report_to, 
             final = final_eval(trainer, cfg, full_eval, evals)
             final_eval_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            em = _exact_match(peft_model, worker, cfg)
+            em = _generation(peft_model, worker, cfg)
             em_s = time.perf_counter() - t0
             if cfg.trainer.method == "dpo":  # the pairs the final eval scored
                 scored = full_eval if cfg.trainer.final_eval == "full" else trainer.eval_dataset
                 metrics.update({**dpo.reward_metrics(final), **_preference(peft_model, worker, cfg, scored)})
         tokens = int(trainer.state.num_input_tokens_seen)
+        rows = None
+        if cfg.trainer.method == "sft" and not trainer.args.padding_free and rows_if and rows_if(final["eval_loss"]):
+            scored = full_eval if cfg.trainer.final_eval == "full" else trainer.eval_dataset
+            rows = trust.row_losses(trainer, peft_model, scored)  # the eval noise (padding-free: one flat row)
+        if rows and len(rows) > 1:
+            metrics.update({"eval_row_losses": [round(x, 5) for x in rows], "eval_loss_rows": len(rows),
+                            "eval_loss_se": trust.standard_error(rows)})
         metrics.update({
             "eval_loss": final["eval_loss"],
             "perplexity": math.exp(min(final["eval_loss"], 50)) if cfg.trainer.method == "sft" else None,
-            "exact_match": em.get("exact_match"),
+            **{k: em.get(k) for k in GENERATION_METRICS},  # None: no answers generated (or, exact match, not exact)
             "samples": em.get("samples"),
+            "exact_match_n": min(cfg.trainer.exact_match_items, len(worker.data.eval_answers))
+            if em.get("exact_match") is not None else None,  # the answered items (the Wilson interval's n)
             "train_loss_first": losses[0] if losses else None,
             "train_loss_last": losses[-1] if losses else None,
             "train_loss_mean": output.training_loss,

@@ -12,7 +12,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from lora_search import compose
 from lora_search.errors import ConfigError
-from lora_search.schema import RunConfig
+from lora_search.schema import GENERATION_METRICS, RunConfig
 
 DIST_FIELDS = {
     "float": {"type", "low", "high", "log", "step"},
@@ -107,10 +107,11 @@ def check_space(space: dict) -> list[str]:
 
 
 def trial_base(cfg: RunConfig) -> RunConfig:
-    """The config every trial starts from: the composed config, then sweep.trial. Trials generate answers for
-    exact match only when it is the objective (sweep.exact_match_items of them) unless sweep.trial says otherwise."""
+    """The config every trial starts from: the composed config, then sweep.trial. Trials generate answers only when a
+    generation metric (exact_match, rouge_l, bleu) is an objective (sweep.exact_match_items of them) unless
+    sweep.trial says otherwise."""
     wanted = [cfg.sweep.metric] + [o.get("metric") if isinstance(o, dict) else o for o in cfg.sweep.objectives]
-    items = cfg.sweep.exact_match_items if "exact_match" in wanted else 0
+    items = cfg.sweep.exact_match_items if any(m in GENERATION_METRICS for m in wanted) else 0
     return apply(cfg, {"trainer.exact_match_items": items, **dict(cfg.sweep.trial)})
 
 

@@ -1,5 +1,6 @@
-"""Every objective the README offers ends a sweep with finished trials; the direction follows the metric; an
-exact-match objective generates answers in every trial (its cost recorded), the others generate none."""
+"""Every objective the README offers ends a sweep with finished trials; the direction follows the metric; a
+generation objective (exact match, ROUGE-L, BLEU) generates answers in every trial (its cost recorded), the others
+generate none."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ FAST = ["data.train_per_task=12", "data.eval_per_task=4", "sweep.pruner=none", "
 
 
 @pytest.mark.parametrize("metric, direction", [("eval_loss", "minimize"), ("perplexity", "minimize"),
-                                               ("exact_match", "maximize")])
+                                               ("exact_match", "maximize"), ("rouge_l", "maximize"),
+                                               ("bleu", "maximize")])
 def test_a_sweep_over_each_metric_ends_with_complete_trials(make_cfg, metric, direction):
     cfg = make_cfg(*FAST, "stage=search", "sweep.n_trials=2", f"sweep.metric={metric}")
     assert cfg.sweep.direction == direction  # auto: the metric's own direction
@@ -29,11 +31,12 @@ def test_a_sweep_over_each_metric_ends_with_complete_trials(make_cfg, metric, di
         metrics = json.loads((study_lib.study_dir(cfg) / "trials" / f"{t.number:04d}" / "metrics.json").read_text())
         assert t.value == metrics[metric] == t.user_attrs[metric]
         assert t.user_attrs["exact_match_s"] == metrics["exact_match_s"]
-        if metric == "exact_match":
-            assert metrics["samples"] and len(metrics["samples"]) <= 4 and 0 <= metrics["exact_match"] <= 1
-            assert metrics["exact_match_s"] > 0
+        if metric in ("exact_match", "rouge_l", "bleu"):  # one generation pass scores all three
+            assert metrics["samples"] and len(metrics["samples"]) <= 4 and metrics["exact_match_s"] > 0
+            assert 0 <= metrics["exact_match"] <= 1 and 0 <= metrics["rouge_l"] <= 1 and 0 <= metrics["bleu"] <= 100
         else:  # no generation in trials whose objective is a loss
             assert metrics["exact_match"] is None and metrics["samples"] is None
+            assert metrics["rouge_l"] is None and metrics["bleu"] is None
 
 
 def _problems(make_cfg, *overrides) -> list[str]:

@@ -53,14 +53,27 @@ def make_study(folder, n_trials: int = 12, pruned=(3, 7)) -> optuna.Study:
     return study
 
 
-def test_importance_sentence_reads_the_shares():
+def test_importance_sentence_reads_the_shares_and_claims_only_the_order_its_intervals_support():
     shares = {"trainer.learning_rate": 0.71, "lora.r": 0.15, "lora.dropout": 0.08, "lora.targets": 0.06}
-    text = plots.importance_sentence(shares, "eval_loss", method="fanova", n_complete=12)
-    assert text.startswith("Learning rate explains 71% of the variance of eval loss, then rank 15%, dropout 8%")
-    assert "and target modules 6%" in text and "fANOVA over 12 complete trials" in text
-    assert "share of the variance explained by single parameters" in text
-    ped = plots.importance_sentence(shares, "exact_match", method="ped_anova", n_complete=20)
-    assert ped.startswith("Learning rate carries 71% of the importance for exact match") and "best 25%" in ped
+    apart = {"trainer.learning_rate": (0.55, 0.85), "lora.r": (0.05, 0.3), "lora.dropout": (0.0, 0.2),
+             "lora.targets": (0.0, 0.15)}
+    text = plots.importance_sentence(shares, "eval_loss", method="fanova", n_complete=12, intervals=apart)
+    assert text.startswith("Learning rate matters most: 71% of the variance of eval loss (55-85%)")
+    assert "the order of the rest (rank 15% (5-30%), dropout 8% (0-20%) and target modules 6% (0-15%)) is not " \
+           "established" in text
+    assert "fANOVA over 12 complete trials" in text and "share of the variance explained by single parameters" in text
+    ped = plots.importance_sentence(shares, "exact_match", method="ped_anova", n_complete=20, intervals=apart)
+    assert ped.startswith("Learning rate matters most: 71% of the importance for exact match") and "best 25%" in ped
+    # overlapping intervals: no parameter is said to matter more, whatever the point estimates
+    overlap = {**apart, "trainer.learning_rate": (0.25, 0.85)}
+    text = plots.importance_sentence(shares, "eval_loss", method="fanova", n_complete=12, intervals=overlap)
+    assert text.startswith("These trials do not rank the parameters") and "matters most" not in text
+    # 7 trials for 4 parameters: too few, said plainly, even where the intervals look apart
+    few = plots.importance_sentence(shares, "eval_loss", method="fanova", n_complete=7, intervals=apart)
+    assert few.startswith("7 complete trials are too few to rank 4 parameters") and "matters most" not in few
+    # no intervals at all: the shares, and no order claimed
+    bare = plots.importance_sentence(shares, "eval_loss", method="fanova", n_complete=30)
+    assert "no ranking is claimed" in bare and "matters most" not in bare
     assert "too few complete trials" in plots.importance_sentence({}, "eval_loss")
     assert plots.importance_sentence({"trainer.learning_rate": 1.0}, "eval_loss").startswith(
         "Learning rate is the only parameter searched")
@@ -70,7 +83,7 @@ def test_importance_sentence_reads_the_shares():
 
 def test_report_has_optuna_plots_importances_and_a_self_contained_html(cfg, tmp_path):
     out = tmp_path / "rank_lr"
-    study = make_study(out)
+    study = make_study(out, n_trials=16)  # 14 complete: enough for the intervals to single out the learning rate
     shares = plots.importances(study)
     assert next(iter(shares)) == "trainer.learning_rate" and shares["trainer.learning_rate"] > 0.5
     assert math.isclose(sum(shares.values()), 1.0) and plots.importances(study) == shares  # seeded
@@ -86,9 +99,13 @@ def test_report_has_optuna_plots_importances_and_a_self_contained_html(cfg, tmp_
         assert width > 300 and height > 200, name
         assert f"](plots/{name}.png)" in md
     assert "where a trial was pruned" in md
-    sentence = re.search(r"Learning rate explains (\d+)% of the variance of eval loss|"
-                         r"Learning rate carries (\d+)% of the importance for eval loss", md)
-    assert sentence and int(sentence[1] or sentence[2]) > 50
+    sentence = re.search(r"Learning rate matters most: (\d+)% of the (variance of|importance for) eval loss "
+                         r"\((\d+)-(\d+)%\)", md)
+    assert sentence and int(sentence[1]) > 50 and int(sentence[3]) <= int(sentence[1]) <= int(sentence[4])
+    intervals = info_intervals = plots.summary(study, "eval_loss")["importance_intervals"]
+    assert set(intervals) == set(shares) and all(lo <= shares[k] + 1e-9 and lo <= hi for k, (lo, hi) in
+                                                 info_intervals.items())
+    assert "| share | 90% interval |" in md
     assert "## Parameter importances" in md and "| trainer.learning_rate | learning rate |" in md
 
     html = (out / "report.html").read_text()
@@ -97,7 +114,7 @@ def test_report_has_optuna_plots_importances_and_a_self_contained_html(cfg, tmp_
     assert "<table>" in html and "<td>trainer.learning_rate</td>" in html and "<th>learning_rate</th>" in html
 
     info = plots.summary(study, "eval_loss")
-    assert (info["complete"], info["pruned"], info["failed"]) == (10, 2, 0)
+    assert (info["complete"], info["pruned"], info["failed"]) == (14, 2, 0)
     assert info["best_value"] == study.best_value and info["importances"] == shares
 
 
