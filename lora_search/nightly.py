@@ -189,11 +189,18 @@ def _night(cfg: RunConfig, get_worker, overrides, night: str, night_dir: Path) -
         return {**entry, "decision": decision, "reason": reason, "candidate_value": None,
                 "champion_value_after": entry["champion_value_before"]}
     entry.update(best_trial=best.number, best_value=best.value, best_params=best.user_attrs.get("params") or best.params)
-    promote_stage(cfg, study, lambda: get_worker(load_best(night_dir)), out=night_dir, best=best)
+    promote_stage(cfg, study, get_worker, out=night_dir, best=best, pool=complete)
     full_cfg = load_best(night_dir)
     full = records.read_json(night_dir / "full" / "metrics.json")
-    candidate = score(full_cfg, night_dir / "full" / "adapter", data)
-    candidate = full.get("full_value") if candidate is None else candidate
+    if full.get("full_mean") is not None:  # sweep.promotion.seeds > 1: the mean of its full runs on tonight's data
+        candidate = full["full_mean"]
+        entry["candidate_seeds"] = full.get("full_values")
+    else:
+        candidate = score(full_cfg, night_dir / "full" / "adapter", data)
+        candidate = full.get("full_value") if candidate is None else candidate
+    promoted = records.read_json(night_dir / "best.json") or {}
+    if promoted.get("trial") not in (None, best.number):  # top_k: a runner-up's full run beat the best trial's
+        entry.update(promoted_trial=promoted["trial"], best_params=promoted.get("params") or entry["best_params"])
     champion_now = None
     if current and "model" not in changed:
         champion_now = score(full_cfg, Path(current["adapter"]), data)
@@ -204,7 +211,8 @@ def _night(cfg: RunConfig, get_worker, overrides, night: str, night_dir: Path) -
     if decision == "new_champion":
         _crown(full_cfg, night_dir, data)
         entry["champion_value_after"] = candidate
-        entry["_champion"] = {"night": night, "trial": best.number, "value": candidate, "metric": cfg.sweep.metric,
+        entry["_champion"] = {"night": night, "trial": entry.get("promoted_trial", best.number), "value": candidate,
+                              "metric": cfg.sweep.metric,
                               "params": entry["best_params"], "fingerprints": prints,
                               "adapter": str((night_dir / "full" / "adapter").resolve()),
                               "merged": str((night_dir / "full" / "merged").resolve())}

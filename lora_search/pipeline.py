@@ -171,7 +171,7 @@ def _later_stages(cfg: RunConfig, stages, study, workers: Workers, out, t0: floa
     """Promote, merge, benchmark and report (those in `stages`), skipping the ones done for this promoted run."""
     explicit = cfg.stage != "all"
     if "promote" in stages:
-        promote_stage(cfg, study, lambda: workers.get(load_best(out)), force=cfg.force or explicit)
+        promote_stage(cfg, study, workers.get, force=cfg.force or explicit)
     for name in ("merge", "benchmark"):
         if name not in stages:
             continue

@@ -10,7 +10,7 @@ from pathlib import Path
 import optuna
 
 from lora_search import html as page
-from lora_search import plots, records, trust
+from lora_search import plots, records, trust, weights
 
 
 def _cell(value) -> str:
@@ -117,6 +117,36 @@ def _search_sections(shares: dict, drawn: dict, metric: str, n_complete: int, in
     return lines
 
 
+def _promotion_section(metric: str, full: dict, out: Path) -> list[str]:
+    """The full runs of the top trials, which one was promoted, and how well trial scores predicted full-run scores."""
+    promo = full.get("promotion") or {}
+    delta = full["full_value"] - full["trial_value"]
+    lines = ["## Promotion", "",
+             f"The promoted full run ({full['steps']} steps) reached {metric} {full['full_value']:.4f}, against "
+             f"{full['trial_value']:.4f} in its trial ({'+' if delta >= 0 else ''}{delta:.4f}); "
+             f"exact match {_cell(full.get('exact_match'))}. Adapter: `{out / 'full' / 'adapter'}`.", ""]
+    rows = promo.get("candidates") or []
+    seeds = promo.get("seeds") or []
+    if len(seeds) > 1 and full.get("full_mean") is not None:
+        lines += [f"Over {len(seeds)} training seeds ({', '.join(map(str, seeds))}) the promoted configuration's "
+                  f"{metric} is {full['full_mean']:.4f} +/- {_cell(full.get('full_sd'))} (mean +/- standard "
+                  f"deviation; runs: {', '.join(_cell(v) for v in full.get('full_values') or [])}).", ""]
+    if len(rows) > 1:
+        head = ["#", f"trial {metric}", f"full-run {metric}" + (" (mean)" if len(seeds) > 1 else "")]
+        head += ["sd"] if len(seeds) > 1 else []
+        body = [[r["trial"], r["trial_value"], r["full_mean"], *([r["full_sd"]] if len(seeds) > 1 else [])]
+                + (["promoted"] if r["trial"] == promo.get("chosen") else [""]) for r in rows]
+        rho = promo.get("spearman")
+        said = (f"Spearman's rank correlation between trial and full-run scores over these {promo.get('pairs')} "
+                f"configurations: {rho:.2f}." if rho is not None else
+                "The rank correlation between trial and full-run scores is undefined here (ties or too few runs).")
+        lines += [f"The {len(rows)} best trials were re-trained at the full budget (`sweep.promotion.top_k`); the best "
+                  f"full run was promoted. {said}", "", table([*head, ""], body), ""]
+        if promo.get("warning"):
+            lines += [f"**Warning: {promo['warning']}.**", ""]
+    return lines
+
+
 def write_report(study: optuna.Study, cfg, out: Path, title: str | None = None, preface: list[str] = ()) -> Path:
     """Write report.md, report.html and plots/ for a study folder (a night's sections first when given)."""
     s = cfg.sweep
@@ -145,15 +175,18 @@ def write_report(study: optuna.Study, cfg, out: Path, title: str | None = None, 
     lines += _front_section(study, best)
     if best:
         params = ", ".join(f"`{k}={v}`" for k, v in best["params"].items())
-        lines += [f"## Best trial: #{best['trial']}", "", f"{s.metric} {best['value']:.4f} with {params}.", ""]
+        first = (best.get("promotion") or {}).get("best_trial", best["trial"])
+        title_best = "Promoted trial" if first != best["trial"] else "Best trial"
+        lines += [f"## {title_best}: #{best['trial']}", "", f"{s.metric} {best['value']:.4f} in its trial with {params}"
+                  + (f"; the best short trial was #{first}, but its full run lost (below)." if first != best["trial"]
+                     else "."), ""]
     lines += _search_sections(shares, drawn, s.metric, n_complete, intervals)
     full = records.read_json(out / "full" / "metrics.json")
     if full and full.get("full_value") is not None:
-        delta = full["full_value"] - full["trial_value"]
-        lines += ["## Promotion", "",
-                  f"The full run ({full['steps']} steps) reached {s.metric} {full['full_value']:.4f}, against "
-                  f"{full['trial_value']:.4f} in its trial ({'+' if delta >= 0 else ''}{delta:.4f}); "
-                  f"exact match {_cell(full.get('exact_match'))}. Adapter: `{out / 'full' / 'adapter'}`.", ""]
+        lines += _promotion_section(s.metric, full, out)
+    analysis = records.read_json(out / "full" / "weights.json")
+    if analysis:
+        lines += [*weights.report_lines(analysis, "plots"), ""]
     merge = records.read_json(out / "merge.json")
     if merge:
         lines += ["## Merge", "", f"Merged model: `{merge.get('merged_dir')}` ({_cell(merge.get('merged_size_mb'))} MB; "

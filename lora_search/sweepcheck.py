@@ -56,9 +56,12 @@ def check_sweep(cfg: RunConfig) -> None:
     if not isinstance(s.heartbeat_s, int) or isinstance(s.heartbeat_s, bool) or s.heartbeat_s < 1:
         problems.append(f"sweep.heartbeat_s must be a positive integer (seconds between a worker's heartbeats), "
                         f"got {s.heartbeat_s!r}")
+    from lora_search.promote import SETTINGS as promote_settings, check as promote_check
+
     for part in ("trial", "promotion"):
         problems.extend(f"sweep.{part}: {p}" for k in getattr(s, part)
-                        if k != "select" or part != "promotion" if (p := space_lib.compose.check_key(k)))
+                        if k not in promote_settings or part != "promotion" if (p := space_lib.compose.check_key(k)))
+    problems.extend(promote_check(s.promotion))
     for entry in s.enqueue:
         problems.extend(f"sweep.enqueue: {p}" for k in entry if (p := space_lib.compose.check_key(k)))
     if problems:

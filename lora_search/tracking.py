@@ -190,7 +190,16 @@ def log_study(study, cfg: RunConfig, out: Path, report_dir: Path | None = None) 
         return
     from lora_search import plots
 
+    from lora_search import records, weights
+
     summary = plots.summary(study, cfg.sweep.metric)
+    promotion = (records.read_json(Path(out) / "full" / "metrics.json") or {}).get("promotion") or {}
+    if promotion:  # how well the short trials ranked the full runs, and which trial won at the full budget
+        summary.update({"promotion/spearman": promotion.get("spearman"), "promotion/top_k": promotion.get("top_k"),
+                        "promotion/chosen": promotion.get("chosen"), "promotion/best_trial": promotion.get("best_trial")})
+    analysis = records.read_json(Path(out) / "full" / "weights.json")
+    if analysis:  # what the promoted adapter learned (weights.py): its heatmaps come with the report's plots
+        summary.update(weights.wandb_summary(analysis))
     pngs = {p.stem: p for p in sorted(Path(report_dir or out).glob("plots/*.png"))}
     log_sweep_summary(cfg, out, summary, summary.get("importances") or {}, pngs)
 
@@ -199,7 +208,9 @@ def log_sweep_summary(cfg: RunConfig, out: Path, summary: dict, importances: dic
     """One run (job type `summary`): best params and value, the importance table, the report's plots."""
     run = start(cfg, out, f"summary-{cfg.sweep.name}", "summary",
                 {"best_params": summary.get("best_params") or {}})
-    log_table(run, "importance", ["param", "importance"], [[k, v] for k, v in importances.items()])
+    intervals = summary.get("importance_intervals") or {}
+    log_table(run, "importance", ["param", "importance", "low", "high"],
+              [[k, v, *(intervals.get(k) or [None, None])] for k, v in importances.items()])
     log_images(run, plots)
     finish(run, {**{k: v for k, v in summary.items() if k != "best_params"},
                  **{f"best_params/{k}": v for k, v in (summary.get("best_params") or {}).items()},
