@@ -1,0 +1,386 @@
+"""Search quality against ground truth: how close the default search comes to the best configuration of a grid,
+for how much of the grid's compute, against random search and the GP sampler; and whether short trials rank
+configurations the way full runs do.
+
+Phases (each result is kept in the record, so a phase re-runs only what is missing):
+
+  grid       every configuration of a grid over the default space's main axes (rank x targets x a learning-rate
+             ladder x alpha ratio; dropout at the space's middle), trained at the trial budget of sweeps/rank_lr.yaml
+             (10 steps, an eval of the fixed 32-row subset at steps 5 and 10), once per training seed: each seed is
+             one `python -m lora_search stage=search sweep.sampler=grid` study, the product's own code path.
+             A configuration's true score is its mean over the seeds; the grid's compute is one pass over it.
+  replay     the samplers searched on the grid as a table (the tabular-benchmark method of HPOBench/NAS-Bench):
+             each sampler (TPE with the default median pruner, as sweeps/rank_lr.yaml ships it; random search;
+             Optuna's GP sampler) runs an Optuna study over the grid's axes, several sampler seeds; a trial's
+             reported values are one training seed's (drawn per trial), its cost is that run's measured seconds,
+             cut at the step where the pruner stopped it. Every best-so-far is scored by its configuration's
+             true score. Cheap: no training.
+  agreement  the 5 best grid configurations (by true trial score) trained at the promotion budget (40 steps,
+             every eval row): Spearman between trial score and full-run score (goal >= 0.8).
+
+  .venv/bin/python benchmarks/search_quality.py             # all phases -> results/bench/search_quality.json + .png
+  .venv/bin/python benchmarks/search_quality.py --quick     # tiny model, a 2x2x2x1 grid (seconds; tests use it)
+
+Goal: the default finds a configuration within 1% of the grid best with at most 25% of the grid's compute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import math
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import _common as common  # noqa: E402
+from benchmarks._common import ROOT  # noqa: E402
+
+log = logging.getLogger("search_quality")
+NAME = "search_quality"
+GRID = {"lora.r": [4, 8, 16, 32], "lora.targets": ["qv", "attn", "all_linear"],
+        "trainer.learning_rate": [3.0e-4, 1.0e-3, 3.0e-3], "lora.alpha_ratio": [1, 4]}
+QUICK_GRID = {"lora.r": [4, 16], "lora.targets": ["qv", "all_linear"], "trainer.learning_rate": [3.0e-4, 3.0e-3],
+              "lora.alpha_ratio": [2]}
+FIXED = {"lora.dropout": 0.05}
+QUICK = ["model=tiny_llama", "data.train_per_task=8", "data.eval_per_task=4", "trainer.batch_size=4",
+         "trainer.eval_batch_size=8", "trainer.logging_steps=2", "trainer.precision=fp32"]
+SEEDS = (0, 1)
+GOAL_GAP, GOAL_COMPUTE, GOAL_SPEARMAN = 0.01, 0.25, 0.8
+
+
+def key(params: dict, axes: dict) -> str:
+    """A configuration's name: its axis values in the grid's order."""
+    return ",".join(f"{k.split('.')[-1]}={params[k]}" for k in axes)
+
+
+def grid_overrides(axes: dict, seed: int, work: Path, quick: bool) -> list[str]:
+    space = "{" + ", ".join(f"{k}: {{type: categorical, choices: {json.dumps(v)}}}" for k, v in axes.items()) + "}"
+    n = math.prod(len(v) for v in axes.values())
+    return ["stage=search", "sweep=rank_lr", "tracking=none", f"sweep.name=grid_seed{seed}", f"results_dir={work}",
+            f"sweep.space={space}", "sweep.sampler=null", "sweep.sampler={type: grid, seed: 0}",
+            "sweep.pruner=none", f"sweep.n_trials={n}", f"trainer.seed={seed}",
+            *[f"{k}={v}" for k, v in FIXED.items()], *(QUICK if quick else [])]
+
+
+def run_grid(axes: dict, seeds, work: Path, quick: bool) -> dict:
+    """Train every configuration once per seed (a resumed study trains only what is missing); read the trials."""
+    import optuna
+
+    out = {}
+    for seed in seeds:
+        cmd = [sys.executable, "-m", "lora_search", *grid_overrides(axes, seed, work, quick)]
+        log.info("grid, seed %d: %s", seed, " ".join(cmd[3:]))
+        t0 = time.perf_counter()
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"grid seed {seed} failed ({done.returncode}): {done.stderr[-2000:]}")
+        log.info("grid, seed %d: %.0f s", seed, time.perf_counter() - t0)
+        study = optuna.load_study(study_name=f"grid_seed{seed}", storage=f"sqlite:///{work}/grid_seed{seed}/study.db")
+        rows = {}
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            m = json.loads((work / f"grid_seed{seed}" / "trials" / f"{t.number:04d}" / "metrics.json").read_text())
+            rows[key(t.params, axes)] = {"params": t.params, "value": t.value, "seconds": t.duration.total_seconds(),
+                                         "intermediate": sorted([s, v] for s, v in t.intermediate_values.items()),
+                                         "steps": m.get("steps"), "periodic_eval_s": m.get("periodic_eval_s")}
+        out[str(seed)] = rows
+    return out
+
+
+# ---- the ground truth ----
+
+def truth(grid: dict) -> dict:
+    """Per configuration: the mean over the training seeds (its true score), the seeds' values and their spread,
+    and its cost (mean seconds of one trial). Only configurations every seed finished."""
+    seeds = list(grid)
+    keys = set.intersection(*(set(grid[s]) for s in seeds))
+    out = {}
+    for k in sorted(keys):
+        values = [grid[s][k]["value"] for s in seeds]
+        out[k] = {"params": grid[seeds[0]][k]["params"], "mean": statistics.fmean(values), "values": values,
+                  "seconds": statistics.fmean(grid[s][k]["seconds"] for s in seeds)}
+    return out
+
+
+def reference(table: dict, direction: str = "minimize") -> dict:
+    """The grid's best configuration, its compute (one pass over every configuration) and the seeds' noise."""
+    pick = min if direction == "minimize" else max
+    best = pick(table, key=lambda k: table[k]["mean"])
+    diffs = [abs(v["values"][0] - v["values"][1]) for v in table.values() if len(v["values"]) > 1]
+    return {"configurations": len(table), "best": best, "best_value": table[best]["mean"],
+            "compute_s": sum(v["seconds"] for v in table.values()),
+            "seed_noise_median_abs_diff": statistics.median(diffs) if diffs else None,
+            "seed_noise_relative": statistics.median(d / abs(v["mean"]) for d, v in zip(diffs, table.values()))
+            if diffs else None}
+
+
+# ---- the samplers on the grid as a table ----
+
+ARMS = {  # name -> (sampler kind, pruned); the default is sweeps/rank_lr.yaml's sampler and pruner
+    "tpe_pruned (default)": ("tpe", True),
+    "tpe": ("tpe", False),
+    "random": ("random", False),
+    "gp": ("gp", False),
+}
+
+
+def default_search(quick: bool) -> dict:
+    """The shipped sweep's sampler, pruner, trial budget and n_trials (sweeps/rank_lr.yaml)."""
+    from lora_search.compose import load_config
+
+    cfg = load_config(["sweep=rank_lr", *(["model=tiny_llama"] if quick else [])])
+    s = cfg.sweep
+    return {"sampler": dict(s.sampler) if not isinstance(s.sampler, str) else {"type": s.sampler},
+            "pruner": dict(s.pruner) if not isinstance(s.pruner, str) else {"type": s.pruner},
+            "n_trials": s.n_trials, "trial": dict(s.trial)}
+
+
+def _sampler(kind: str, seed: int, default: dict):
+    import optuna
+
+    if kind == "tpe":
+        kw = {k: v for k, v in default["sampler"].items() if k not in ("type", "seed")}
+        return optuna.samplers.TPESampler(seed=seed, **kw)
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.GPSampler(seed=seed)
+
+
+def _pruner(pruned: bool, default: dict):
+    import optuna
+
+    from lora_search.samplers import make_pruner
+
+    if not pruned:
+        return optuna.pruners.NopPruner()
+
+    class _Cfg:  # make_pruner reads cfg.sweep.pruner only
+        class sweep:
+            pruner = default["pruner"]
+    return make_pruner(_Cfg)
+
+
+def replay(axes: dict, grid: dict, table: dict, arm: str, seed: int, budget_s: float, default: dict) -> list[dict]:
+    """One sampler seed searching the grid as a table until budget_s of compute: each trial reports one training
+    seed's evals (drawn per trial) to the pruner; a pruned trial costs its measured seconds times the share of steps
+    it ran. Returns the trials in order: cost so far, observed value, and the incumbent (best complete trial as
+    the search sees it) scored by its true value."""
+    import random as _random
+
+    import optuna
+
+    kind, pruned = ARMS[arm]
+    rng = _random.Random(seed * 7919 + 1)
+    study = optuna.create_study(direction="minimize", sampler=_sampler(kind, seed, default),
+                                pruner=_pruner(pruned, default))
+    seeds = list(grid)
+    dists = {k: optuna.distributions.CategoricalDistribution(v) for k, v in axes.items()}
+    spent, incumbent, rows = 0.0, None, []
+    while spent < budget_s:
+        trial = study.ask(dists)
+        name = key(trial.params, axes)
+        row = grid[rng.choice(seeds)][name]
+        steps_total = row["intermediate"][-1][0] if row["intermediate"] else 1
+        state, ran = "complete", steps_total
+        for step, value in row["intermediate"]:
+            trial.report(value, step)
+            if step < steps_total and trial.should_prune():
+                state, ran = "pruned", step
+                break
+        spent += row["seconds"] * ran / steps_total
+        if state == "pruned":
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            study.tell(trial, row["value"])
+            if incumbent is None or row["value"] < incumbent[1]:
+                incumbent = (name, row["value"])
+        rows.append({"trial": len(rows), "config": name, "state": state, "observed": row["value"],
+                     "compute_s": spent, "incumbent": incumbent[0] if incumbent else None,
+                     "incumbent_true": table[incumbent[0]]["mean"] if incumbent else None})
+    return rows
+
+
+def gap(value: float | None, best: float) -> float | None:
+    """How far a true score lies from the grid's best, as a share of the best (minimize)."""
+    return None if value is None else (value - best) / abs(best)
+
+
+def summarize_arm(runs: list[list[dict]], ref: dict, n_default: int) -> dict:
+    """Per arm, over its sampler seeds: the share of seeds within GOAL_GAP at GOAL_COMPUTE of the grid's compute,
+    the median gap there, the compute each seed needed to get within GOAL_GAP, and the shipped n_trials' figures."""
+    grid_s, best = ref["compute_s"], ref["best_value"]
+
+    def at_fraction(rows, fraction):
+        within = [r for r in rows if r["compute_s"] <= fraction * grid_s]
+        return gap(within[-1]["incumbent_true"], best) if within and within[-1]["incumbent_true"] is not None \
+            else None
+
+    gaps = [at_fraction(rows, GOAL_COMPUTE) for rows in runs]
+    reached = []
+    for rows in runs:
+        hit = next((r["compute_s"] / grid_s for r in rows if r["incumbent_true"] is not None
+                    and gap(r["incumbent_true"], best) <= GOAL_GAP), None)
+        reached.append(hit)
+    shipped = [rows[n_default - 1] for rows in runs if len(rows) >= n_default]
+    return {
+        "seeds": len(runs),
+        "within_goal_at_25pct": sum(g is not None and g <= GOAL_GAP for g in gaps) / len(runs),
+        "gap_at_25pct_median": common.median(gaps),
+        "gaps_at_25pct": [common.rounded(g, 4) for g in gaps],
+        "compute_to_within_1pct_median": common.median([h for h in reached if h is not None]),
+        "compute_to_within_1pct": [common.rounded(h, 3) for h in reached],
+        "shipped_n_trials": {"n_trials": n_default,
+                             "compute_fraction_median": common.median([r["compute_s"] / grid_s for r in shipped]),
+                             "gap_median": common.median([gap(r["incumbent_true"], best) for r in shipped]),
+                             "within_goal": sum(gap(r["incumbent_true"], best) is not None and
+                                                gap(r["incumbent_true"], best) <= GOAL_GAP for r in shipped)
+                             / max(len(shipped), 1)},
+        "curve": curve(runs, ref),
+    }
+
+
+def curve(runs: list[list[dict]], ref: dict, points: int = 21) -> list[dict]:
+    """Median and quartiles of the incumbent's gap at evenly spaced shares of the grid's compute (0 to 50%)."""
+    out = []
+    for i in range(points):
+        fraction = 0.5 * i / (points - 1)
+        gaps = []
+        for rows in runs:
+            within = [r for r in rows if r["compute_s"] <= fraction * ref["compute_s"]]
+            if within and within[-1]["incumbent_true"] is not None:
+                gaps.append(gap(within[-1]["incumbent_true"], ref["best_value"]))
+        if len(gaps) == len(runs):
+            q = statistics.quantiles(gaps, n=4) if len(gaps) > 1 else [gaps[0]] * 3
+            out.append({"compute_fraction": round(fraction, 3), "gap_median": statistics.median(gaps),
+                        "gap_q1": q[0], "gap_q3": q[2]})
+    return out
+
+
+# ---- short trials vs full runs ----
+
+def agreement(table: dict, top: int, quick: bool, work: Path) -> dict:
+    """The `top` best configurations by true trial score, each trained once at the promotion budget of
+    sweeps/rank_lr.yaml (every eval row scored): Spearman between trial and full-run eval loss."""
+    from lora_search import runs, trust
+    from lora_search import trial as space_lib
+    from lora_search.compose import load_config
+    from lora_search.train import train_adapter
+
+    cfg = load_config(["sweep=rank_lr", "tracking=none", f"results_dir={work}", *(QUICK if quick else [])])
+    promotion = {k: v for k, v in cfg.sweep.promotion.items() if k not in ("select", "top_k", "seeds")}
+    ranked = sorted(table, key=lambda k: table[k]["mean"])[:top]
+    worker = runs.start_worker(cfg)
+    rows = []
+    for name in ranked:
+        full_cfg = space_lib.apply(cfg, {**table[name]["params"], **FIXED, **promotion,
+                                         "trainer.final_eval": "full", "trainer.exact_match_items": 0})
+        t0 = time.perf_counter()
+        m = train_adapter(worker, full_cfg, work / "agreement" / name.replace(",", "_").replace("=", "-"),
+                          with_baseline=False, save=False, rows_if=lambda loss: False)
+        rows.append({"config": name, "trial_value": table[name]["mean"], "full_value": m["eval_loss"],
+                     "steps": m["steps"], "seconds": round(time.perf_counter() - t0, 1)})
+        log.info("full run %s: %.4f (trial %.4f)", name, m["eval_loss"], table[name]["mean"])
+    rho = trust.spearman([r["trial_value"] for r in rows], [r["full_value"] for r in rows])
+    return {"top": top, "steps": rows[0]["steps"] if rows else None, "runs": rows, "spearman": rho,
+            "goal": GOAL_SPEARMAN, "meets_goal": rho is not None and rho >= GOAL_SPEARMAN}
+
+
+# ---- the plot ----
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for arm, figures in result["arms"].items():
+        pts = figures["curve"]
+        xs = [100 * p["compute_fraction"] for p in pts]
+        ax.plot(xs, [100 * p["gap_median"] for p in pts], label=arm, lw=2 if "default" in arm else 1.2)
+        ax.fill_between(xs, [100 * p["gap_q1"] for p in pts], [100 * p["gap_q3"] for p in pts], alpha=0.12)
+    ax.axhline(100 * GOAL_GAP, color="grey", ls="--", lw=1)
+    ax.axvline(100 * GOAL_COMPUTE, color="grey", ls=":", lw=1)
+    ax.set_yscale("symlog", linthresh=1)
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}%"))
+    ax.set_xlabel("compute spent, % of the grid's")
+    ax.set_ylabel("true gap of the best trial to the grid's best, %")
+    ax.set_title(f"Best-so-far vs compute ({result['reference']['configurations']} configurations, "
+                 f"{result['settings']['sampler_seeds']} sampler seeds; median and quartiles)")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="the tiny model and a 2x2x2x1 grid (the tests)")
+    p.add_argument("--phase", choices=("all", "grid", "replay"), default="all",
+                   help="grid: only train the grid; replay: the samplers and the record from a trained grid (no "
+                        "full runs); all: grid, replay, agreement")
+    p.add_argument("--sampler-seeds", type=int, default=20)
+    p.add_argument("--top", type=int, default=5, help="configurations re-trained at the promotion budget")
+    p.add_argument("--work", default=None, help="where the grid's studies live (default results/search_quality/)")
+    p.add_argument("--out", default=None, help="the record (default results/bench/search_quality.json)")
+    a = p.parse_args(argv)
+    common.configure_logging()
+    axes = QUICK_GRID if a.quick else GRID
+    work = Path(a.work or ROOT / "results" / ("search_quality_quick" if a.quick else "search_quality")).resolve()
+    t0 = time.perf_counter()
+    grid = run_grid(axes, SEEDS, work, a.quick)
+    if a.phase == "grid":
+        return 0
+    table = truth(grid)
+    ref = reference(table)
+    default = default_search(a.quick)
+    seeds = list(range(a.sampler_seeds))
+    arms = {}
+    for arm in ARMS:
+        runs_ = [replay(axes, grid, table, arm, s, 0.5 * ref["compute_s"], default) for s in seeds]
+        arms[arm] = summarize_arm(runs_, ref, default["n_trials"])
+        log.info("%s: within 1%% at 25%% compute in %.0f%% of seeds; median gap %.2f%%", arm,
+                 100 * arms[arm]["within_goal_at_25pct"], 100 * (arms[arm]["gap_at_25pct_median"] or 0))
+    out = Path(a.out) if a.out else common.bench_path(NAME)
+    previous = common.read_records(out.parent)[0] if out.exists() else []
+    old_agreement = next((r.get("agreement") for r in previous if r.get("name") == NAME), None)
+    agree = agreement(table, a.top, a.quick, work) if a.phase == "all" else old_agreement
+    main_arm = arms["tpe_pruned (default)"]
+    result = common.record(NAME, {
+        "quick": a.quick,
+        "settings": {"grid": axes, "fixed": FIXED, "training_seeds": list(SEEDS), "sampler_seeds": len(seeds),
+                     "default": default, "budget": "each sampler runs to 50% of the grid's compute",
+                     "cost_model": "a trial costs its measured seconds; a pruned one the share of its steps it ran",
+                     "observation": "each trial reports one training seed's evals, drawn per trial; the incumbent "
+                                    "is scored by its configuration's mean over the seeds"},
+        "reference": ref,
+        "table": {k: {"mean": v["mean"], "values": v["values"], "seconds": common.rounded(v["seconds"], 2)}
+                  for k, v in table.items()},
+        "arms": arms,
+        "agreement": agree,
+        "goals": {"default_within_1pct_at_25pct_compute": {
+            "goal": f"the default is within {GOAL_GAP:.0%} of the grid best at {GOAL_COMPUTE:.0%} of its compute "
+                    "(in at least half the sampler seeds; the median gap)",
+            "share_of_seeds": main_arm["within_goal_at_25pct"], "median_gap": main_arm["gap_at_25pct_median"],
+            "met": (main_arm["gap_at_25pct_median"] is not None and main_arm["gap_at_25pct_median"] <= GOAL_GAP)},
+            "spearman_top5": {"goal": GOAL_SPEARMAN, "value": (agree or {}).get("spearman"),
+                              "met": bool((agree or {}).get("meets_goal"))}},
+        "wall_s": round(time.perf_counter() - t0, 1),
+    })
+    path = common.write_record(result, out)
+    plot(result, path.with_suffix(".png"))
+    print(json.dumps({"record": str(path), "goals": result["goals"]}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
