@@ -30,6 +30,7 @@ TITLES = {
     "pareto_sweep": "Quality and cost together (`sweep=rank_lr_pareto`)",
     "memory_estimate": "The memory estimator against measured peaks",
     "scale": "Scale: workers and study storages",
+    "search_quality": "Search quality against a ground-truth grid",
 }
 LABELS = {"handwritten": "hand-written Optuna + TRL recipe", "lora_search": "lora_search",
           "hf_search": "transformers `hyperparameter_search`"}
@@ -349,7 +350,41 @@ def render_scale(rec: dict) -> list[str]:
     return lines or ["(no figures)"]
 
 
-RENDERERS = {"load_time": render_load_time, "peer_sweep": render_peer_sweep, "overhead": render_overhead,
+def _pct(value, digits: int = 1) -> str:
+    return "-" if value is None else f"{100 * value:.{digits}f}%"
+
+
+def render_search_quality(rec: dict) -> list[str]:
+    """Each sampler's gap to the grid's best at 25% of the grid's compute, the shipped budget's, and Spearman."""
+    s, ref = rec.get("settings") or {}, rec.get("reference") or {}
+    grid = s.get("grid") or {}
+    d = s.get("default") or {}
+    lines = [f"Ground truth: every configuration of a {' x '.join(str(len(v)) for v in grid.values())} grid "
+             f"({', '.join(k.split('.')[-1] for k in grid)}; {ref.get('configurations')} configurations, dropout "
+             f"{(s.get('fixed') or {}).get('lora.dropout')}) trained at the trial budget with training seeds "
+             f"{', '.join(map(str, s.get('training_seeds') or []))}; a configuration's true score is its mean. "
+             f"Grid best: {ref.get('best')} ({_num(ref.get('best_value'), '.4f')}); one pass over the grid: "
+             f"{_num((ref.get('compute_s') or 0) / 60)} min; the two seeds of one configuration differ by "
+             f"{_pct(ref.get('seed_noise_relative'))} (median). Samplers replayed on the grid as a table with "
+             f"{s.get('sampler_seeds')} sampler seeds each ({s.get('cost_model')}).", "",
+             "| sampler | within 1% at 25% compute (share of seeds) | median gap at 25% | compute to within 1% "
+             f"(median) | shipped n_trials={d.get('n_trials')}: compute, gap |", "| --- | ---: | ---: | ---: | --- |"]
+    for arm, f in (rec.get("arms") or {}).items():
+        shipped = f.get("shipped_n_trials") or {}
+        lines.append(f"| {arm} | {_pct(f.get('within_goal_at_25pct'), 0)} | {_pct(f.get('gap_at_25pct_median'), 2)} | "
+                     f"{_pct(f.get('compute_to_within_1pct_median'), 0)} of the grid | "
+                     f"{_pct(shipped.get('compute_fraction_median'), 0)}, {_pct(shipped.get('gap_median'), 2)} |")
+    goals = rec.get("goals") or {}
+    g1, g2 = goals.get("default_within_1pct_at_25pct_compute") or {}, goals.get("spearman_top5") or {}
+    agree = rec.get("agreement") or {}
+    lines += ["", f"Goal, the default within 1% of the grid best at 25% of its compute (median over seeds): "
+              f"{_met(g1.get('met'))} (median gap {_pct(g1.get('median_gap'), 2)}). Short-vs-full agreement: the "
+              f"{agree.get('top')} best configurations re-trained at {agree.get('steps')} steps, Spearman "
+              f"{_num(g2.get('value'), '.2f')} (goal >= {g2.get('goal')}: {_met(g2.get('met'))})."]
+    return lines
+
+
+RENDERERS = {"search_quality": render_search_quality, "load_time": render_load_time, "peer_sweep": render_peer_sweep, "overhead": render_overhead,
              "pruning": render_pruning, "throughput": render_throughput, "dpo_sweep": render_dpo_sweep,
              "pareto_sweep": render_pareto_sweep, "memory_estimate": render_memory_estimate, "scale": render_scale}
 

@@ -67,6 +67,22 @@ def test_two_nights_then_a_data_change(make_cfg):
     assert "The data changed since the champion was trained" in (out / "nights" / "2026-11-03" / "report.md").read_text()
 
 
+@pytest.mark.slow  # one night: 2 trials, 2 candidates x 2 seeds at the full budget, a merge and a benchmark
+def test_with_several_seeds_the_champion_decision_uses_the_mean(make_cfg):
+    night = [n for n in NIGHT if not n.startswith("++sweep.promotion=")]
+    cfg = make_cfg(*night, "sweep.nightly.night=2026-11-05", "++sweep.promotion={trainer.max_steps: 8, "
+                   "trainer.eval_every: 0, trainer.exact_match_items: 2, top_k: 2, seeds: 2}")
+    assert pipeline.run(cfg) == 3
+    night_dir = study_lib.study_dir(cfg) / "nights" / "2026-11-05"
+    full = _read(night_dir / "full" / "metrics.json")
+    entry = _read(night_dir / "night.json")
+    assert len(full["full_values"]) == 2 and full["full_values"][0] != full["full_values"][1]
+    assert entry["candidate_value"] == pytest.approx(full["full_mean"])
+    assert entry["candidate_seeds"] == full["full_values"]
+    champion = _read(study_lib.study_dir(cfg) / "champion.json")["champion"]
+    assert champion["value"] == pytest.approx(full["full_mean"]) and champion["trial"] == full["trial"]
+
+
 def test_a_failed_night_is_recorded_and_raised(make_cfg, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("out of disk")

@@ -130,6 +130,14 @@ def test_the_sweep_summary_run_has_best_params_importances_and_the_reports_plots
     study = make_study(out, n_trials=8, pruned=(3,))
     (out / "plots").mkdir()
     matplotlib.image.imsave(out / "plots" / "importance.png", np.zeros((4, 4, 3)))  # as report.write_report leaves
+    # the promotion's records: its Spearman and what the promoted adapter learned (weights.py) join the summary
+    from lora_search import records, weights
+    from tests.unit.test_weights import make_adapter
+
+    adapter = make_adapter(out / "full" / "adapter", {(0, "q_proj"): [3.0, 2.0], (1, "v_proj"): [1.0]})
+    analysis = weights.write(adapter, out / "full" / "weights.json", out / "plots")
+    records.write_json(out / "full" / "metrics.json", {"promotion": {"spearman": 0.5, "top_k": 3, "chosen": 2,
+                                                                     "best_trial": 0}})
     tracking.log_study(study, cfg, out)
 
     run = wandb_runs(out)[f"summary-{cfg.sweep.name}"]
@@ -140,7 +148,11 @@ def test_the_sweep_summary_run_has_best_params_importances_and_the_reports_plots
     assert any(k.startswith("importances/") for k in run["summary"])  # the shares, flattened
     logged = {k: v for row in run["history"] for k, v in row.items()}  # a logged object's fields, keys joined by /
     assert (logged["importance/_type"], logged["importance/nrows"]) == ("table-file", len(study.best_params))
+    assert logged["importance/ncols"] == 4  # param, importance and its interval's low and high
     assert logged["plots/importance/_type"] == "image-file"  # the report's plot
+    assert logged["plots/weights_effective_rank/_type"] == "image-file"  # the adapter's heatmaps
+    assert run["summary"]["promotion/spearman"] == 0.5 and run["summary"]["promotion/chosen"] == 2
+    assert run["summary"]["weights/effective_rank_max"] == analysis["summary"]["effective_rank_max"] == 2
 
 
 def test_a_dpo_benchmark_run_shows_preference_accuracy_base_and_tuned(make_cfg, wandb_runs, monkeypatch, tmp_path):
