@@ -167,6 +167,8 @@ CASES = [
     ('cost-as-the-only-metric', ['sweep.metric=trainable_params'], 'sweep.metric=trainable_params is a cost'),
     ('select-names-a-non-objective', ['sweep=rank_lr_pareto', '++sweep.promotion.select={metric: exact_match}'], 'sweep.promotion.select.metric=exact_match is not an objective of this study'),
     ('select-within-not-a-fraction', ['sweep=rank_lr_pareto', '++sweep.promotion.select={metric: eval_loss, within: 2, then: {metric: trainable_params}}'], 'sweep.promotion.select.within must be a fraction of the best value in [0, 1)'),
+    ('promotion-top-k-zero', ['++sweep.promotion.top_k=0'], 'sweep.promotion.top_k must be a positive integer (how many of the best trials are re-trained at the promotion budget), got 0'),
+    ('promotion-seeds-not-an-integer', ['++sweep.promotion.seeds=two'], "sweep.promotion.seeds must be a positive integer (how many training seeds each of them runs with), got 'two'"),
     ('cmaes-with-several-objectives', ['sweep=rank_lr_pareto', 'sweep.sampler=cmaes'], 'sweep.sampler=cmaes optimizes one objective'),
     ('memory-budget-not-a-number', ['sweep.memory_budget_mb=lots'], 'sweep.memory_budget_mb must be a positive number of MB, auto'),
     ('memory-budget-below-the-base-model', ['sweep.memory_budget_mb=0.01'], "is below the base model's own weights"),
