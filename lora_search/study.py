@@ -87,7 +87,7 @@ def _set_attrs(trial: optuna.Trial, metrics: dict, status: str, reason: str | No
             "trainable_params", "adapter_mb", "step_s", "estimated_memory_mb", "memory_budget_mb", "over_budget",
             "wall_s", "steps", "exact_match_s", "base_model", "base_quant", "base_dtype", "train_rows",
             "eval_data_rows", "eval_rows", "method", "reward_accuracy", "reward_margin", "preference_accuracy",
-            "logp_margin")
+            "logp_margin", "eval_loss_se", "eval_loss_rows", "exact_match_n")  # the last three: trust.score_interval
     for key in keep:
         if key in metrics:
             trial.set_user_attr(key, metrics[key])

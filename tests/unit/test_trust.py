@@ -19,12 +19,10 @@ def worker_and_cfg(make_cfg, tiny_overrides):
     return runs.start_worker(cfg), cfg
 
 
-@pytest.mark.parametrize("compact", [True, False])
-def test_per_row_losses_average_to_the_eval_loss(worker_and_cfg, tmp_path, compact):
+def test_per_row_losses_average_to_the_eval_loss(worker_and_cfg, tmp_path):
     worker, cfg = worker_and_cfg
     # one eval batch holding every row: the trainer's eval loss is then the token-weighted mean of the row losses
     cfg.trainer.eval_batch_size, cfg.trainer.final_eval, cfg.trainer.exact_match_items = 64, "full", 0
-    cfg.trainer.compact_lm_head = compact
     metrics = train_adapter(worker, cfg, tmp_path / "run", with_baseline=False, save=False)
     rows = metrics["eval_row_losses"]
     assert len(rows) == metrics["eval_loss_rows"] == len(worker.data.eval)
