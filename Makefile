@@ -58,6 +58,7 @@ bench: setup
 	$(PY) benchmarks/pareto_sweep.py
 	$(PY) benchmarks/memory_estimate.py
 	$(PY) benchmarks/scale.py
+	$(PY) benchmarks/search_quality.py
 	$(PY) benchmarks/readme_section.py --update README.md
 
 clean-cache:

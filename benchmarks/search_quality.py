@@ -61,22 +61,23 @@ def key(params: dict, axes: dict) -> str:
     return ",".join(f"{k.split('.')[-1]}={params[k]}" for k in axes)
 
 
-def grid_overrides(axes: dict, seed: int, work: Path, quick: bool) -> list[str]:
+def grid_overrides(axes: dict, seed: int, work: Path, quick: bool, threads: int | None = None) -> list[str]:
     space = "{" + ", ".join(f"{k}: {{type: categorical, choices: {json.dumps(v)}}}" for k, v in axes.items()) + "}"
     n = math.prod(len(v) for v in axes.values())
     return ["stage=search", "sweep=rank_lr", "tracking=none", f"sweep.name=grid_seed{seed}", f"results_dir={work}",
             f"sweep.space={space}", "sweep.sampler=null", "sweep.sampler={type: grid, seed: 0}",
             "sweep.pruner=none", f"sweep.n_trials={n}", f"trainer.seed={seed}",
-            *[f"{k}={v}" for k, v in FIXED.items()], *(QUICK if quick else [])]
+            *[f"{k}={v}" for k, v in FIXED.items()], *(QUICK if quick else []),
+            *([f"trainer.num_threads={threads}"] if threads else [])]
 
 
-def run_grid(axes: dict, seeds, work: Path, quick: bool) -> dict:
+def run_grid(axes: dict, seeds, work: Path, quick: bool, threads: int | None = None) -> dict:
     """Train every configuration once per seed (a resumed study trains only what is missing); read the trials."""
     import optuna
 
     out = {}
     for seed in seeds:
-        cmd = [sys.executable, "-m", "lora_search", *grid_overrides(axes, seed, work, quick)]
+        cmd = [sys.executable, "-m", "lora_search", *grid_overrides(axes, seed, work, quick, threads)]
         log.info("grid, seed %d: %s", seed, " ".join(cmd[3:]))
         t0 = time.perf_counter()
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -97,15 +98,16 @@ def run_grid(axes: dict, seeds, work: Path, quick: bool) -> dict:
 # ---- the ground truth ----
 
 def truth(grid: dict) -> dict:
-    """Per configuration: the mean over the training seeds (its true score), the seeds' values and their spread,
-    and its cost (mean seconds of one trial). Only configurations every seed finished."""
+    """Per configuration: the mean over the training seeds (its true score), the seeds' values, and its cost (the
+    lesser of its measured trial durations). Only configurations every seed finished."""
     seeds = list(grid)
     keys = set.intersection(*(set(grid[s]) for s in seeds))
     out = {}
     for k in sorted(keys):
         values = [grid[s][k]["value"] for s in seeds]
+        # its cost: the lesser of its measured durations (the less disturbed by whatever else ran on the machine)
         out[k] = {"params": grid[seeds[0]][k]["params"], "mean": statistics.fmean(values), "values": values,
-                  "seconds": statistics.fmean(grid[s][k]["seconds"] for s in seeds)}
+                  "seconds": min(grid[s][k]["seconds"] for s in seeds)}
     return out
 
 
@@ -169,8 +171,8 @@ def _pruner(pruned: bool, default: dict):
 
 def replay(axes: dict, grid: dict, table: dict, arm: str, seed: int, budget_s: float, default: dict) -> list[dict]:
     """One sampler seed searching the grid as a table until budget_s of compute: each trial reports one training
-    seed's evals (drawn per trial) to the pruner; a pruned trial costs its measured seconds times the share of steps
-    it ran. Returns the trials in order: cost so far, observed value, and the incumbent (best complete trial as
+    seed's evals (drawn per trial) to the pruner; a trial costs its configuration's measured seconds (truth()), a
+    pruned one times the share of steps it ran. Returns the trials in order: cost so far, observed value, and the incumbent (best complete trial as
     the search sees it) scored by its true value."""
     import random as _random
 
@@ -194,7 +196,7 @@ def replay(axes: dict, grid: dict, table: dict, arm: str, seed: int, budget_s: f
             if step < steps_total and trial.should_prune():
                 state, ran = "pruned", step
                 break
-        spent += row["seconds"] * ran / steps_total
+        spent += table[name]["seconds"] * ran / steps_total
         if state == "pruned":
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         else:
@@ -329,6 +331,9 @@ def main(argv=None) -> int:
                    help="grid: only train the grid; replay: the samplers and the record from a trained grid (no "
                         "full runs); all: grid, replay, agreement")
     p.add_argument("--sampler-seeds", type=int, default=20)
+    p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="the grid's training seeds (--phase grid "
+                   "with one seed each: two processes train the grid side by side)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per trial (trainer.num_threads)")
     p.add_argument("--top", type=int, default=5, help="configurations re-trained at the promotion budget")
     p.add_argument("--work", default=None, help="where the grid's studies live (default results/search_quality/)")
     p.add_argument("--out", default=None, help="the record (default results/bench/search_quality.json)")
@@ -337,9 +342,10 @@ def main(argv=None) -> int:
     axes = QUICK_GRID if a.quick else GRID
     work = Path(a.work or ROOT / "results" / ("search_quality_quick" if a.quick else "search_quality")).resolve()
     t0 = time.perf_counter()
-    grid = run_grid(axes, SEEDS, work, a.quick)
     if a.phase == "grid":
+        run_grid(axes, [int(x) for x in a.seeds.split(",")], work, a.quick, a.threads)
         return 0
+    grid = run_grid(axes, SEEDS, work, a.quick, a.threads)
     table = truth(grid)
     ref = reference(table)
     default = default_search(a.quick)
@@ -359,7 +365,8 @@ def main(argv=None) -> int:
         "quick": a.quick,
         "settings": {"grid": axes, "fixed": FIXED, "training_seeds": list(SEEDS), "sampler_seeds": len(seeds),
                      "default": default, "budget": "each sampler runs to 50% of the grid's compute",
-                     "cost_model": "a trial costs its measured seconds; a pruned one the share of its steps it ran",
+                     "cost_model": "a trial costs the lesser of its configuration's two measured durations; a pruned one the "
+                                   "share of its steps it ran",
                      "observation": "each trial reports one training seed's evals, drawn per trial; the incumbent "
                                     "is scored by its configuration's mean over the seeds"},
         "reference": ref,
