@@ -207,6 +207,13 @@ def promote_stage(cfg: RunConfig, study, get_worker, force: bool = False, out: P
     _, n_seeds = settings(cfg)
     seeds = [cfg.trainer.seed + i for i in range(n_seeds)]
     pool = candidates(cfg, study, best, pool)
+    plan = [[t.number, seed, config_id(space_lib.apply(best_config(cfg, t), {"trainer.seed": seed}))]
+            for t in pool for seed in seeds]
+    pid = hashlib.sha256(json.dumps(plan).encode()).hexdigest()[:12]
+    previous = records.read_json(out / "full" / "metrics.json")
+    if previous and previous.get("promotion_id") == pid and (out / "full" / "adapter").is_dir() and not force:
+        log.info("promotion of trial #%d already done (%s): skipped", previous.get("trial", best.number), out / "full")
+        return previous
     runs = {}
     for trial in pool:
         for seed in seeds:
@@ -248,7 +255,7 @@ def promote_stage(cfg: RunConfig, study, get_worker, force: bool = False, out: P
     if target.exists():
         shutil.rmtree(target)
     shutil.copytree(source / "adapter", target)
-    metrics = {**primary, "config_id": cid, "promotion": promotion,
+    metrics = {**primary, "config_id": cid, "promotion_id": pid, "promotion": promotion,
                **({"full_mean": winner_row["full_mean"], "full_sd": winner_row["full_sd"],
                    "full_values": winner_row["full_values"]} if len(seeds) > 1 else {})}
     records.write_config(out / "full" / "config.yaml", full_cfg)

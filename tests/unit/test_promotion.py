@@ -101,6 +101,12 @@ def test_a_runner_up_whose_full_run_wins_is_promoted_and_misleading_short_trials
     assert "Spearman's rank correlation between trial and full-run scores over these 3 configurations: -1.00" in md
     assert "**Warning: short trials mislead here" in md
 
+    # the same promotion again: everything is on disk, nothing is trained or rewritten
+    stamp = (out / "full" / "metrics.json").stat().st_mtime_ns
+    monkeypatch.setattr(promote, "_run", lambda *a, **k: pytest.fail("a finished promotion trained again"))
+    assert promote.promote_stage(cfg, study, lambda c: None)["trial"] == 2
+    assert (out / "full" / "metrics.json").stat().st_mtime_ns == stamp
+
     # agreeing full runs: no warning
     _fake_runs(monkeypatch, {0: 0.6, 1: 0.7, 2: 0.8, 3: 0.9})
     metrics = promote.promote_stage(cfg, study, lambda c: None, force=True)
