@@ -62,7 +62,12 @@ def test_a_replay_charges_measured_seconds_and_scores_the_incumbent_by_its_true_
             assert r["incumbent_true"] == table[r["incumbent"]]["mean"]
     complete = [r for r in rows if r["state"] == "complete"]
     assert rows[-1]["incumbent"] == min(complete, key=lambda r: r["observed"])["config"]
-    if arm.startswith("tpe_pruned"):
+    for name, value in sq.ARMS[arm][2].items():  # an axis the arm holds fixed is never varied
+        assert all(f"{name.split('.')[-1]}={value}" in r["config"] for r in rows)
+    # the promotion: the best re-run among the 3 best configurations seen, each re-run with its other seed
+    last = rows[-1]
+    assert last["promoted"] in {r["config"] for r in complete}
+    if sq.ARMS[arm][1]:
         assert any(r["state"] == "pruned" for r in rows)  # the median pruner cuts trials at step 5
     else:
         assert all(r["state"] == "complete" for r in rows)
