@@ -272,7 +272,19 @@ def summarize_arm(runs: list[list[dict]], ref: dict, n_default: int) -> dict:
                                                 gap(r["incumbent_true"], best) <= GOAL_GAP for r in shipped)
                              / max(len(shipped), 1)},
         "curve": curve(runs, ref),
+        "by_n_trials": {n: _at_n(runs, ref, n) for n in (8, 12, 16, 20)},
     }
+
+
+def _at_n(runs: list[list[dict]], ref: dict, n: int) -> dict:
+    """After n trials: median compute share, median gap, and the shares of seeds within GOAL_GAP and the seed noise."""
+    rows = [r[n - 1] for r in runs if len(r) >= n]
+    gaps = [gap(r["incumbent_true"], ref["best_value"]) for r in rows]
+    noise = ref.get("seed_noise_relative") or 0.0
+    return {"seeds": len(rows), "compute_fraction_median": common.median([r["compute_s"] / ref["compute_s"] for r in rows]),
+            "gap_median": common.median(gaps),
+            "within_goal": sum(g is not None and g <= GOAL_GAP for g in gaps) / max(len(rows), 1),
+            "within_seed_noise": sum(g is not None and g <= noise for g in gaps) / max(len(rows), 1)}
 
 
 def curve(runs: list[list[dict]], ref: dict, points: int = 21) -> list[dict]:
@@ -339,6 +351,7 @@ def plot(result: dict, path: Path) -> None:
     ax.axhline(100 * GOAL_GAP, color="grey", ls="--", lw=1)
     ax.axvline(100 * GOAL_COMPUTE, color="grey", ls=":", lw=1)
     ax.set_yscale("symlog", linthresh=1)
+    ax.set_ylim(bottom=0)
     ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}%"))
     ax.set_xlabel("compute spent, % of the grid's")
     ax.set_ylabel("true gap of the best trial to the grid's best, %")
