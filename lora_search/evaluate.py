@@ -66,9 +66,11 @@ def rouge_l(predictions: list[str], references: list[str]) -> float:
     """Mean ROUGE-L F-measure (rouge-score, Porter stemming), 0..1, over the prediction/reference pairs."""
     if not references:
         return 0.0
-    from rouge_score import rouge_scorer
+    from rouge_score import rouge_scorer, tokenizers
 
-    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    # the tokenizer given explicitly: without one, rouge-score logs through absl, whose first use hangs a handler
+    # on the root logger bound to whatever sys.stderr is at that moment (a closed capture file, later, in tests)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], tokenizer=tokenizers.DefaultTokenizer(use_stemmer=True))
     return sum(scorer.score(r, p)["rougeL"].fmeasure for p, r in zip(predictions, references)) / len(references)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 
 import pytest
 import torch
@@ -148,3 +150,33 @@ def _no_storage_from_earlier_tests():
     os.environ.pop("LORA_SEARCH_STORAGE", None)
     yield
     os.environ.pop("LORA_SEARCH_STORAGE", None)
+
+
+def _repoint_stray_stream_handlers() -> None:
+    """Libraries that set up logging lazily bind a StreamHandler to whatever sys.stderr is at that moment: under
+    pytest, a capture file. absl's handler (rouge-score imports absl) even closes that stream when Hydra's
+    logging setup later shuts the old handlers down, which ends the whole run ('lost sys.stderr'); torch's `torch`
+    logger writes to it after it is closed. Point every such handler (pytest's own left alone) at the real stderr."""
+    import logging
+
+    for ref in list(logging._handlerList):  # every handler created, attached to a logger or not
+        handler = ref()
+        if (isinstance(handler, logging.StreamHandler) and not type(handler).__module__.startswith("_pytest")
+                and not isinstance(handler, (logging.FileHandler, logging._StderrHandler))  # lastResort follows stderr
+                and handler.stream not in (sys.__stderr__, sys.__stdout__)):
+            with handler.lock or contextlib.nullcontext():  # not setStream: it flushes the old, maybe closed, stream
+                handler.stream = sys.__stderr__
+
+
+try:  # absl's handler (rouge-score imports absl) exists from its import on: created now, pointed at the real stderr
+    import absl.logging
+
+    absl.logging.get_absl_handler().python_handler.setStream(sys.__stderr__)
+except ImportError:
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _stream_handlers_on_real_stderr():
+    yield
+    _repoint_stray_stream_handlers()

@@ -18,8 +18,9 @@ FAST = ["data.train_per_task=12", "data.eval_per_task=4", "sweep.pruner=none", "
 
 
 @pytest.mark.parametrize("metric, direction", [("eval_loss", "minimize"), ("perplexity", "minimize"),
-                                               ("exact_match", "maximize"), ("rouge_l", "maximize"),
-                                               ("bleu", "maximize")])
+                                               ("exact_match", "maximize"),
+                                               pytest.param("rouge_l", "maximize", marks=pytest.mark.slow),
+                                               pytest.param("bleu", "maximize", marks=pytest.mark.slow)])
 def test_a_sweep_over_each_metric_ends_with_complete_trials(make_cfg, metric, direction):
     cfg = make_cfg(*FAST, "stage=search", "sweep.n_trials=2", f"sweep.metric={metric}")
     assert cfg.sweep.direction == direction  # auto: the metric's own direction

@@ -129,6 +129,7 @@ def test_a_text_metric_needs_answers_in_every_trial(make_cfg):
 # --- where the answers are scored: a training run and the benchmark (tiny model) -------------------------------------
 
 
+@pytest.mark.slow  # a tiny training run, then the benchmark's answers
 def test_a_run_and_the_benchmark_score_free_text_and_exact_match_only_exact_answers(make_cfg, tiny_overrides,
                                                                                    tmp_path):
     cfg = make_cfg(*tiny_overrides, "data.train_per_task=12", "data.eval_per_task=4", "trainer.max_steps=2",

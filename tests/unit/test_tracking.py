@@ -55,7 +55,8 @@ def test_a_wandb_failure_warns_once_and_the_sweep_goes_on(make_cfg, monkeypatch,
         raise ConnectionError("api.wandb.ai unreachable")
 
     monkeypatch.setattr(wandb, "init", broken)
-    cfg = make_cfg(*TWO_TRIALS, "sweep.enqueue=[]", tracking="wandb")
+    unpruned = [o for o in TWO_TRIALS if not o.startswith("++sweep.pruner")] + ["sweep.pruner=none"]
+    cfg = make_cfg(*unpruned, "sweep.enqueue=[]", tracking="wandb")  # two sampled trials, neither pruned
     with caplog.at_level(logging.WARNING, logger="lora_search.tracking"):
         pipeline.run(cfg)
     study = study_lib.open_study(cfg)

@@ -19,6 +19,7 @@ def worker_and_cfg(make_cfg, tiny_overrides):
     return runs.start_worker(cfg), cfg
 
 
+@pytest.mark.slow  # a tiny training run
 def test_per_row_losses_average_to_the_eval_loss(worker_and_cfg, tmp_path):
     worker, cfg = worker_and_cfg
     # one eval batch holding every row: the trainer's eval loss is then the token-weighted mean of the row losses
