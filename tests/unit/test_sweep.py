@@ -219,16 +219,19 @@ def test_full_pipeline_promotes_merges_benchmarks_and_reports(make_cfg, caplog, 
     bench = json.loads((out / "benchmark.json").read_text())
     assert {"base", "tuned"} <= set(bench) and bench["tuned"]["eval_loss"] < bench["base"]["eval_loss"]
     report = (out / "report.md").read_text()
-    assert "## Promotion" in report and "## Benchmark" in report and "## Best trial" in report
+    assert "## Promotion" in report and "## Benchmark" in report
+    assert f"## Best trial: #{best['trial']}" in report or f"## Promoted trial: #{best['trial']}" in report
 
     # W&B (offline): a run per trial, the full run with its adapter, the benchmark, the sweep summary.
     runs = wandb_runs(out)
-    assert {"trial-0000", "trial-0001", f"full-trial-{best['trial']:04d}", "benchmark-rank_lr",
-            "summary-rank_lr"} <= set(runs)
+    assert {"trial-0000", "trial-0001", "full-trial-0000", "full-trial-0001", f"promoted-trial-{best['trial']:04d}",
+            "benchmark-rank_lr", "summary-rank_lr"} <= set(runs)  # top_k 3: both trials re-trained in full
     assert {r["group"] for r in runs.values()} == {"rank_lr"}
     full_run = runs[f"full-trial-{best['trial']:04d}"]
-    assert full_run["job_type"] == "full" and {"name": "rank_lr-adapter", "type": "model"} in full_run["artifacts"]
-    assert full_run["summary"]["eval_loss"] == pytest.approx(full["eval_loss"])
+    assert full_run["job_type"] == "full" and full_run["summary"]["eval_loss"] == pytest.approx(full["eval_loss"])
+    promoted = runs[f"promoted-trial-{best['trial']:04d}"]  # the promoted run: the adapter and the weight analysis
+    assert {"name": "rank_lr-adapter", "type": "model"} in promoted["artifacts"]
+    assert promoted["summary"]["weights/effective_rank_max"] >= 1
     assert runs["benchmark-rank_lr"]["summary"]["tuned/eval_loss"] == pytest.approx(bench["tuned"]["eval_loss"])
     summary = runs["summary-rank_lr"]
     assert summary["job_type"] == "summary" and summary["config"]["best_params"] == best["params"]
