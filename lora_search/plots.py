@@ -108,6 +108,8 @@ def importances(study: optuna.Study, metric: str | None = None) -> dict[str, flo
     except Exception as e:  # a report never fails on its importances
         log.info("parameter importances skipped: %s: %s", type(e).__name__, e)
         return {}
+    varying = set(_varying(trials))  # a parameter held at one value (a one-choice space entry) explains nothing
+    raw = {k: v for k, v in raw.items() if k in varying}
     total = sum(float(v) for v in raw.values())
     if not total > 0:
         return {}
