@@ -27,7 +27,6 @@ Goal: the default finds a configuration within 1% of the grid best with at most 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import logging
 import math
