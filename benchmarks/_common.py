@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from lora_search.schema import RunConfig
+    from lora_search.config.schema import RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -40,14 +40,14 @@ def bench_path(name: str) -> Path:
 
 def record(name: str, figures: dict) -> dict:
     """A benchmark record: its name, its figures and the machine it ran on (CPU, cores, GPU, package versions)."""
-    from lora_search import hardware
+    from lora_search.core import hardware
 
     return {"name": name, **figures, "provenance": hardware.provenance()}
 
 
 def write_record(data: dict, out: Path | str | None = None) -> Path:
     """Write a record atomically (temp file + rename) to `out`, default results/bench/<name>.json."""
-    from lora_search import records
+    from lora_search.core import records
 
     path = Path(out) if out else bench_path(data["name"])
     records.write_json(path, data)
@@ -187,28 +187,28 @@ def quiet_optuna():
 def trial_base(cfg: RunConfig) -> RunConfig:
     """The composed config with the sweep's short-trial budget applied (max_steps, eval cadence, ...), as a trial
     starts from it."""
-    from lora_search import trial as space_lib
+    from lora_search.config import space as space_lib
 
     return space_lib.trial_base(cfg)
 
 
 def sample(trial, cfg: RunConfig) -> dict:
     """Sample the sweep's space from an Optuna trial, with lora_search's own names and order."""
-    from lora_search import trial as space_lib
+    from lora_search.config import space as space_lib
 
     return space_lib.suggest(trial, cfg.sweep.space)
 
 
 def trial_config(base: RunConfig, params: dict) -> RunConfig:
     """A trial's config: sampled values applied by dotted key (alpha = alpha_ratio * r, targets as presets)."""
-    from lora_search import trial as space_lib
+    from lora_search.config import space as space_lib
 
     return space_lib.apply(base, params)
 
 
 def sampler(cfg: RunConfig):
     """A fresh sampler as the sweep file names it (TPE, seed 0, its n_startup_trials and multivariate)."""
-    from lora_search import study as study_lib
+    from lora_search.search import study as study_lib
 
     return study_lib.make_sampler(cfg)
 
@@ -220,7 +220,7 @@ def spec(value) -> dict:
 
 def lora_config(tcfg: RunConfig):
     """PEFT's LoraConfig for a trial: the presets mapped to module names exactly as lora_search maps them."""
-    from lora_search import adapters
+    from lora_search.models import adapters
 
     return adapters.lora_config(tcfg.lora, tcfg.model)
 
@@ -238,7 +238,7 @@ def peer_sft_args(tcfg: RunConfig, out_dir: Path, precision: str = "trl"):
     import torch
     from trl import SFTConfig
 
-    from lora_search.train import sft_config
+    from lora_search.train.run import sft_config
 
     ours = sft_config(tcfg, Path(out_dir), [])
     kwargs = {key: getattr(ours, key) for key in SHARED_ARGS}

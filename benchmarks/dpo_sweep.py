@@ -22,7 +22,7 @@ TARGET_S, TARGET_POINTS = 15 * 60, 20.0
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the sweep in a fresh results folder, write results/bench/dpo_sweep.json, return the record."""
-    from lora_search import records
+    from lora_search.core import records
 
     extra = list(sys.argv[1:] if argv is None else argv)
     with common.cli_sweep("dpo_beta", extra) as (wall, out, study):

@@ -16,8 +16,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from lora_search import hardware, models  # noqa: E402
-from lora_search.compose import load_config  # noqa: E402
+from lora_search import models  # noqa: E402
+from lora_search.config.compose import load_config  # noqa: E402
+from lora_search.core import hardware
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
-"""Peak memory: lora_search.memory's configuration-based estimate against the peak a run records.
+"""Peak memory: lora_search.models.memory's configuration-based estimate against the peak a run records.
 
 Every configuration (ranks, targets, batch sizes, max_length, quant modes, gradient checkpointing, DPO) trains a few
-steps in a FRESH Python process, as a sweep trial runs it (runs.start_worker, then train.train_adapter with no
+steps in a FRESH Python process, as a sweep trial runs it (train_stage.start_worker, then run.train_adapter with no
 baseline and no save), and reports the `peak_memory_mb` it records: on CPU the process's sampled peak RSS over
 training and the final eval, on CUDA torch.cuda.max_memory_allocated(). The parent then estimates each
 configuration with memory.estimate (no weights loaded) and records the relative error.
@@ -81,20 +81,22 @@ def _rss_mb() -> float:
 def child(overrides: list[str], cache_dir: str | None) -> dict:
     """Train one configuration in this (fresh) process as a sweep trial does; its recorded peak and row lengths."""
     rss_start = _rss_mb()
-    from lora_search import dpo, hardware, runs, train
-    from lora_search.feasible import row_lengths
-    from lora_search.compose import load_config
-    from lora_search.sft import padding_free
+    from lora_search.commands import train_stage
+    from lora_search.config.compose import load_config
+    from lora_search.core import hardware
+    from lora_search.search.memory_budget import row_lengths
+    from lora_search.train import dpo, run
+    from lora_search.train.sft import padding_free
 
     with tempfile.TemporaryDirectory(prefix="memory-estimate-") as tmp:
         cache = [f"cache_dir={cache_dir}"] if cache_dir else []
         cfg = load_config([f"results_dir={tmp}", *COMMON, *overrides, *cache])
-        data, _ = runs.preflight(cfg)
+        data, _ = train_stage.preflight(cfg)
         rss_before_load = _rss_mb()
-        worker = runs.start_worker(cfg, data)
-        m = train.train_adapter(worker, cfg, Path(tmp) / "run", with_baseline=False, save=False)
+        worker = train_stage.start_worker(cfg, data)
+        m = run.train_adapter(worker, cfg, Path(tmp) / "run", with_baseline=False, save=False)
         key = dpo.data_key(cfg) if cfg.trainer.method == "dpo" else \
-            train.data_key(cfg, padding_free(cfg, worker.base.model))
+            run.data_key(cfg, padding_free(cfg, worker.base.model))
         rows = worker.tokenized[key][0]
         lengths = row_lengths(rows, cfg.trainer.method)  # what a sweep's estimates use (feasible.worker_lengths)
     return {"peak_memory_mb": m["peak_memory_mb"], "rss_start_mb": round(rss_start, 1),
@@ -119,11 +121,11 @@ def spawn(overrides: list[str], cache_dir: str | None, folder: Path, label: str)
 
 def estimate_row(label: str, overrides: list[str], measured: dict, device: str, cache_dir: str | None) -> dict:
     """A measured configuration against memory.estimate (with the data's row lengths, and the upper bound)."""
-    from lora_search import memory, models
-    from lora_search.compose import load_config
+    from lora_search.config.compose import load_config
+    from lora_search.models import loaders, memory
 
     cfg = load_config([*COMMON, *overrides, *([f"cache_dir={cache_dir}"] if cache_dir else [])])
-    arch = models.architecture(cfg.model, cfg.cache_dir)
+    arch = loaders.architecture(cfg.model, cfg.cache_dir)
     est = memory.estimate(cfg, arch, device, seq_len=measured["seq_len"], completion_len=measured["completion_len"])
     bound = memory.estimate(cfg, arch, device)
     peak = measured["peak_memory_mb"]

@@ -26,8 +26,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import _common as common  # noqa: E402
-from lora_search import pipeline, records, study as study_lib  # noqa: E402
-from lora_search.compose import load_config  # noqa: E402
+from lora_search.commands import pipeline
+from lora_search.config.compose import load_config  # noqa: E402
+from lora_search.core import records
+from lora_search.search import study as study_lib  # noqa: E402
 
 NAME = "overhead"
 QUICK = ["model=tiny_llama", "data.train_per_task=8", "data.eval_per_task=4", "trainer.batch_size=4",
@@ -45,7 +47,7 @@ def rss_mb() -> float:
 def memory_mb(model=None) -> float:
     """Memory the worker holds in tensors (hardware.tensor_memory_mb: allocated CUDA memory, else every live CPU
     tensor's storage, the frozen base counted from the model)."""
-    from lora_search import hardware
+    from lora_search.core import hardware
 
     return hardware.tensor_memory_mb(model)
 

@@ -24,7 +24,7 @@ TARGET_S = 15 * 60
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the sweep in a fresh results folder, write results/bench/pareto_sweep.json, return the record."""
-    from lora_search import records
+    from lora_search.core import records
 
     extra = list(sys.argv[1:] if argv is None else argv)
     with common.cli_sweep("rank_lr_pareto", extra) as (wall, out, study):

@@ -5,7 +5,7 @@ steps per trial and sampler seed, in one run:
                (AutoModelForCausalLM.from_pretrained of the local safetensors folder), wraps it with a fresh
                LoraConfig/get_peft_model, builds TRL's SFTTrainer evaluating the whole eval set every
                `eval_every` steps, trains, evaluates and returns eval_loss; no pruning; TRL's default precision
-  lora_search  `lora_search.pipeline.run` with stage=search, in this process: the base loaded once, a fresh
+  lora_search  `lora_search.commands.pipeline.run` with stage=search, in this process: the base loaded once, a fresh
                adapter per trial, cheap evals on a fixed subset, median pruning, bf16 autocast where it pays
   hf_search    transformers' Trainer.hyperparameter_search(backend="optuna") on an SFTTrainer whose
                model_init builds base + LoRA per trial from the values sampled on the trial
@@ -36,15 +36,21 @@ from types import SimpleNamespace
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from transformers import TrainerCallback  # noqa: E402
+
 from benchmarks import _common as common  # noqa: E402
 from benchmarks._common import ROOT  # noqa: E402
-from lora_search import hardware, models, pipeline, records  # noqa: E402
-from lora_search import study as study_lib  # noqa: E402
-from lora_search.compose import load_config  # noqa: E402
-from lora_search.data import load_task_data  # noqa: E402
-from lora_search.schema import RunConfig  # noqa: E402
-from lora_search.evaluate import StepTimer, timed_evaluate  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
+from lora_search.commands import pipeline
+from lora_search.config.compose import load_config  # noqa: E402
+from lora_search.config.schema import RunConfig  # noqa: E402
+from lora_search.core import (
+    hardware,
+    records,  # noqa: E402
+)
+from lora_search.data.load import load_task_data  # noqa: E402
+from lora_search.models import loaders
+from lora_search.search import study as study_lib  # noqa: E402
+from lora_search.train.evaluate import StepTimer, timed_evaluate  # noqa: E402
 
 log = logging.getLogger("peer_sweep")
 NAME = "peer_sweep"
@@ -169,7 +175,7 @@ def run_lora_search(setup: Setup, index: int) -> dict:
                                        hardware.model_dtype(base.model.dtype))
     subset = min(base.trainer.eval_subset, setup.eval_rows)
     return common.summarize(total.seconds, study, timings, {
-        "description": "lora_search.pipeline.run(stage=search): the base loaded once, a fresh adapter per trial, "
+        "description": "lora_search.commands.pipeline.run(stage=search): the base loaded once, a fresh adapter per trial, "
                        "evals of a fixed eval subset, pruning; wall time includes preflight, load and tokenization",
         "model_loads": 1, "pruner": common.spec(cfg.sweep.pruner), "precision": precision,
         "objective_on": f"fixed eval subset, {subset} rows", "eval_rows": subset})
@@ -329,7 +335,7 @@ def run(model: str = "smollm2_135m", trials: int = 8, out: Path | str | None = N
             tempfile.TemporaryDirectory(prefix="peer_sweep-") as work:
         ovr = overrides(model, trials, quick, cache_dir)
         cfg = load_config(ovr + [f"results_dir={Path(work) / 'unused'}"])
-        folder = models.local_copy(cfg.model, cfg.cache_dir)  # converted once, before anything is timed
+        folder = loaders.local_copy(cfg.model, cfg.cache_dir)  # converted once, before anything is timed
         data = load_task_data(cfg.data)
         setup = Setup(cfg, ovr, common.trial_base(cfg), folder, Path(work), trials, peer_precision,
                       len(data.train), len(data.eval))

@@ -1,6 +1,6 @@
 """The same sweep with and without pruning: the compute each spends and the best metric each reaches.
 
-Two arms, each `lora_search.pipeline.run` with stage=search in this process, on the rank_lr space:
+Two arms, each `lora_search.commands.pipeline.run` with stage=search in this process, on the rank_lr space:
   pruned    trials of --steps optimizer steps, a cheap eval of the fixed eval subset every --eval-every
             steps reported to the pruner (--pruner; default successive halving, min_resource 2,
             reduction_factor 3); the objective is the eval after the last step
@@ -38,9 +38,10 @@ if __package__ in (None, ""):
 
 from benchmarks import _common as common  # noqa: E402
 from benchmarks._common import ROOT  # noqa: E402
-from lora_search import pipeline, records  # noqa: E402
-from lora_search import study as study_lib  # noqa: E402
-from lora_search.compose import load_config  # noqa: E402
+from lora_search.commands import pipeline
+from lora_search.config.compose import load_config  # noqa: E402
+from lora_search.core import records  # noqa: E402
+from lora_search.search import study as study_lib  # noqa: E402
 
 log = logging.getLogger("pruning")
 NAME = "pruning"

@@ -332,7 +332,7 @@ def render_scale(rec: dict) -> list[str]:
     if results:
         lines += ([""] if lines else []) + [
             f"Storage cost per trial: {st.get('trials', '?')} no-op trials ({st.get('loop', '')}) on a fresh study "
-            "through `lora_search.storage.open_url`, random sampler (seed 0); TPE beside it "
+            "through `lora_search.scale.storage.open_url`, random sampler (seed 0); TPE beside it "
             f"({st.get('tpe_trials', '?')} trials; its own cost grows with the trials).", "",
             "| storage | ms/trial (random) | first / last 100 | total s | ms/trial (TPE) |",
             "| --- | ---: | --- | ---: | ---: |"]

@@ -2,7 +2,7 @@
 
 Two parts, written to results/bench/scale.json:
 
-  storage   An Optuna study on each storage lora_search offers, opened through `lora_search.storage.open_url(url)`
+  storage   An Optuna study on each storage lora_search offers, opened through `lora_search.scale.storage.open_url(url)`
             (the storage a sweep really uses): SQLite (a file), Journal (a file), PostgreSQL (when
             $LORA_SEARCH_TEST_PG names one, or `.ci/postgres.sh` can start a local server; else recorded as skipped,
             with the reason) and the gRPC proxy (`python -m lora_search storage-proxy` in a subprocess, in front of
@@ -55,7 +55,7 @@ from benchmarks._common import ROOT  # noqa: E402
 log = logging.getLogger("scale")
 NAME = "scale"
 PG_ENV = "LORA_SEARCH_TEST_PG"
-STORAGE_ENV = "LORA_SEARCH_STORAGE"  # lora_search.secrets.STORAGE_ENV: kept out of the CLI runs' environment
+STORAGE_ENV = "LORA_SEARCH_STORAGE"  # lora_search.core.masking.STORAGE_ENV: kept out of the CLI runs' environment
 # What .ci/postgres.sh creates; a server it started earlier is used as it is (the script drops and re-creates this
 # database, which a test run may be using at that moment).
 PG_SCRIPT_URL = "postgresql+psycopg://lora:lora@127.0.0.1:5432/lora_search_test"
@@ -144,8 +144,8 @@ def grpc_proxy(backend_url: str, log_path: Path):
     """`python -m lora_search storage-proxy` in front of backend_url on a free port; yields its grpc:// URL once
     storage.open_url answers on it; terminated afterwards. The backend URL goes through $LORA_SEARCH_STORAGE (a
     password on a command line shows in `ps`)."""
-    from lora_search import storage
-    from lora_search.errors import ConfigError
+    from lora_search.core.errors import ConfigError
+    from lora_search.scale import storage
 
     port = free_port()
     url = f"grpc://127.0.0.1:{port}"
@@ -187,7 +187,7 @@ def no_op_loop(url: str | None, n: int, sampler: str) -> dict:
     """n trials of ask -> 5 suggestions -> 3 reports -> tell on a fresh study (url None: in memory); per-trial times."""
     import optuna
 
-    from lora_search import storage
+    from lora_search.scale import storage
 
     name = f"scale-{sampler}-{uuid.uuid4().hex[:8]}"
     t0 = time.perf_counter()
@@ -250,7 +250,7 @@ def storage_part(n: int, tpe_n: int, work: Path) -> dict:
     """Every storage's cost per trial: {storage: {url_kind, random: figures, tpe: figures} or {skipped: why}}."""
     import optuna
 
-    from lora_search import secrets
+    from lora_search.core import masking
 
     results: dict = {}
     with common.quiet_optuna():
@@ -267,7 +267,7 @@ def storage_part(n: int, tpe_n: int, work: Path) -> dict:
         try:
             if pg_url:
                 log.info("storage: postgresql (%s)", source)
-                results["postgresql"] = {"url": secrets.mask_url(pg_url), "source": source,
+                results["postgresql"] = {"url": masking.mask_url(pg_url), "source": source,
                                          **_measure(pg_url, n, tpe_n)}
             else:
                 log.info("storage: postgresql skipped: %s", source)
@@ -296,13 +296,13 @@ def _trial_override(trial: dict) -> str:
 
 def warm_cache(model: str, cache_dir: str | None) -> None:
     """The model's cached copy written before any timed run (the embedded GGUF's conversion happens once)."""
-    from lora_search import models
-    from lora_search.compose import load_config
+    from lora_search.config.compose import load_config
+    from lora_search.models import loaders
 
     cfg = load_config([*MODELS[model]["overrides"], "tracking=none",
                        *([f"cache_dir={cache_dir}"] if cache_dir else [])])
     t0 = time.perf_counter()
-    models.local_copy(cfg.model, cfg.cache_dir)
+    loaders.local_copy(cfg.model, cfg.cache_dir)
     log.info("%s cached (%.1f s)", model, time.perf_counter() - t0)
 
 
@@ -326,7 +326,7 @@ def cli_run(model: str, n: int, workers: int, store: str, work: Path, cache_dir:
     """One `python -m lora_search stage=search ...` with `workers` workers on `store`; its figures from the study."""
     import optuna
 
-    from lora_search import storage
+    from lora_search.scale import storage
 
     name = f"scale_{model}_{workers}w_{store}_{uuid.uuid4().hex[:6]}"
     results_dir = work / name

@@ -138,7 +138,7 @@ TOP_K = 3  # the promotion re-trains the 3 best trials (promote.TOP_K); here: ea
 
 def default_search(quick: bool) -> dict:
     """The shipped sweep's sampler, pruner, trial budget and n_trials (sweeps/rank_lr.yaml)."""
-    from lora_search.compose import load_config
+    from lora_search.config.compose import load_config
 
     cfg = load_config(["sweep=rank_lr", *(["model=tiny_llama"] if quick else [])])
     s = cfg.sweep
@@ -161,7 +161,7 @@ def _sampler(kind: str, seed: int, default: dict):
 def _pruner(pruned: bool, default: dict):
     import optuna
 
-    from lora_search.samplers import make_pruner
+    from lora_search.search.samplers import make_pruner
 
     if not pruned:
         return optuna.pruners.NopPruner()
@@ -308,15 +308,16 @@ def curve(runs: list[list[dict]], ref: dict, points: int = 21) -> list[dict]:
 def agreement(table: dict, top: int, quick: bool, work: Path) -> dict:
     """The `top` best configurations by true trial score, each trained once at the promotion budget of
     sweeps/rank_lr.yaml (every eval row scored): Spearman between trial and full-run eval loss."""
-    from lora_search import runs, trust
-    from lora_search import trial as space_lib
-    from lora_search.compose import load_config
-    from lora_search.train import train_adapter
+    from lora_search.commands import train_stage
+    from lora_search.config import space as space_lib
+    from lora_search.config.compose import load_config
+    from lora_search.report import confidence
+    from lora_search.train.run import train_adapter
 
     cfg = load_config(["sweep=rank_lr", "tracking=none", f"results_dir={work}", *(QUICK if quick else [])])
     promotion = {k: v for k, v in cfg.sweep.promotion.items() if k not in ("select", "top_k", "seeds")}
     ranked = sorted(table, key=lambda k: table[k]["mean"])[:top]
-    worker = runs.start_worker(cfg)
+    worker = train_stage.start_worker(cfg)
     rows = []
     for name in ranked:
         full_cfg = space_lib.apply(cfg, {**table[name]["params"], **FIXED, **promotion,
@@ -327,7 +328,7 @@ def agreement(table: dict, top: int, quick: bool, work: Path) -> dict:
         rows.append({"config": name, "trial_value": table[name]["mean"], "full_value": m["eval_loss"],
                      "steps": m["steps"], "seconds": round(time.perf_counter() - t0, 1)})
         log.info("full run %s: %.4f (trial %.4f)", name, m["eval_loss"], table[name]["mean"])
-    rho = trust.spearman([r["trial_value"] for r in rows], [r["full_value"] for r in rows])
+    rho = confidence.spearman([r["trial_value"] for r in rows], [r["full_value"] for r in rows])
     return {"top": top, "steps": rows[0]["steps"] if rows else None, "runs": rows, "spearman": rho,
             "goal": GOAL_SPEARMAN, "meets_goal": rho is not None and rho >= GOAL_SPEARMAN}
 

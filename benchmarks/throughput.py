@@ -6,7 +6,7 @@ Arms, each in its own process (so its peak memory is its own), in alternating or
   trl          the plain script: from_pretrained of the model folder, get_peft_model(LoraConfig), TRL's
                SFTTrainer with TRL's defaults for whatever the config leaves open (padded batches, bf16
                autocast), an eval of the whole eval set every eval_every steps
-  lora_search  lora_search.train.train_adapter on a Worker, as a sweep trial runs it (the base loaded once,
+  lora_search  lora_search.train.run.train_adapter on a Worker, as a sweep trial runs it (the base loaded once,
                precision auto, padding-free batches with flash attention, evals of the fixed eval subset)
   ablations    lora_search with one choice flipped, to record what that choice is worth:
     padding_free trainer.padding_free=true (forced on: with sdpa, a block mask over the whole batch)
@@ -181,7 +181,7 @@ def step_figures(steps: list[tuple[float, int]], skip: int) -> dict:
 
 def arm_config(spec: dict, arm: str, work: Path):
     """The run config an arm trains: the sweep's trial budget, the fixed params, the arm's own overrides."""
-    from lora_search.compose import load_config
+    from lora_search.config.compose import load_config
 
     cfg = load_config(["sweep=rank_lr", f"results_dir={work}", "tracking=none", *spec["overrides"],
                        *ARMS[arm]["overrides"]])
@@ -202,7 +202,7 @@ def _precision(cfg, dtype) -> str:
     """lora_search's precision for a config, worded as precision_label words a TrainingArguments'."""
     from types import SimpleNamespace
 
-    from lora_search import hardware
+    from lora_search.core import hardware
 
     mode = hardware.precision(cfg.trainer.precision)
     return common.precision_label(SimpleNamespace(bf16=mode == "bf16", fp16=mode == "fp16"), dtype)
@@ -210,13 +210,14 @@ def _precision(cfg, dtype) -> str:
 
 def run_ours(cfg, work: Path, skip: int) -> dict:
     """A lora_search trial, twice on one Worker (the second timed)."""
-    from lora_search import runs, train
+    from lora_search.commands import train_stage
+    from lora_search.train import run
 
-    worker = runs.start_worker(cfg)
+    worker = train_stage.start_worker(cfg)
     rows = []
     for attempt in range(2):
         clock = StepClock()
-        m = train.train_adapter(worker, cfg, work / f"ours-{attempt}", callbacks=[clock], with_baseline=False,
+        m = run.train_adapter(worker, cfg, work / f"ours-{attempt}", callbacks=[clock], with_baseline=False,
                                 save=False)
         rows.append((m, clock))
     m, clock = rows[-1]
@@ -260,11 +261,12 @@ def run_trl(cfg, work: Path, skip: int) -> dict:
     from transformers import AutoTokenizer, set_seed
     from trl import SFTTrainer
 
-    from lora_search import hardware, models
-    from lora_search.data import load_task_data
-    from lora_search.evaluate import timed_evaluate
+    from lora_search.core import hardware
+    from lora_search.data.load import load_task_data
+    from lora_search.models import loaders
+    from lora_search.train.evaluate import timed_evaluate
 
-    folder = models.local_copy(cfg.model, cfg.cache_dir)
+    folder = loaders.local_copy(cfg.model, cfg.cache_dir)
     data = load_task_data(cfg.data)
     out = {}
     for attempt in range(2):

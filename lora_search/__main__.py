@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 
-from lora_search.errors import LoraSearchError
+from lora_search.core.errors import LoraSearchError
 
 log = logging.getLogger("lora_search")
 EXIT_USAGE = 2
@@ -55,19 +55,20 @@ def run(cfg) -> None:
     """Run the stage a composed config names."""
     from hydra.core.hydra_config import HydraConfig
 
-    from lora_search import compose, pipeline, runs
-    from lora_search.validate import validate
+    from lora_search.checks.run_config import validate
+    from lora_search.commands import pipeline, train_stage
+    from lora_search.config import compose
 
     overrides = list(HydraConfig.get().overrides.task)
     run_cfg = compose.to_run_config(cfg, overrides)  # a mapping on the command line replaces the file's
     if run_cfg.stage == "train":
-        from lora_search import guard
+        from lora_search.search import failures
 
-        with guard.signals_handled():  # Ctrl-C / SIGTERM: the run folder says failed (interrupted), exit 130 / 143
+        with failures.signals_handled():  # Ctrl-C / SIGTERM: the run folder says failed (interrupted), exit 130 / 143
             try:
-                runs.train_stage(run_cfg)
+                train_stage.train_stage(run_cfg)
             except KeyboardInterrupt as e:
-                sys.exit(guard.exit_code(e, resumable=False))
+                sys.exit(failures.exit_code(e, resumable=False))
     else:
         validate(run_cfg)
         code = pipeline.run(run_cfg, overrides)
@@ -84,25 +85,25 @@ def _task(cfg) -> None:
 
 
 def _command(name: str, args: list[str]) -> None:
-    from lora_search import compose
+    from lora_search.config import compose
 
     if name == "report":
         main([*args, "stage=report"])
     elif name == "dashboard":
-        from lora_search import dashboard
+        from lora_search.commands import dashboard
 
         compose.check_overrides(args)
         dashboard.serve(compose.load_config(args))
     elif name == "preview":
-        from lora_search import preview
+        from lora_search.commands import preview
 
         print(preview.main(args))
     elif name == "storage-proxy":
-        from lora_search import storage
+        from lora_search.scale import storage
 
         storage.serve_proxy(args)
     elif name == "compare":
-        from lora_search import compare
+        from lora_search.report import compare
 
         print(compare.main(args))
 
@@ -111,12 +112,14 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: a command, or check the whole run before Hydra writes anything, then hand over to hydra.main."""
     import hydra
 
-    from lora_search import compose, preflight, secrets
+    from lora_search.commands import preflight
+    from lora_search.config import compose
+    from lora_search.core import masking
 
     argv = sys.argv[1:] if argv is None else argv
     _quiet_libraries()
     try:  # first of all: a storage password leaves the command line (and sys.argv) before anything records it
-        argv = secrets.guard(argv)
+        argv = masking.guard(argv)
     except LoraSearchError as e:
         report(e)
         sys.exit(EXIT_USAGE)

@@ -31,7 +31,7 @@ def tiny_cache(tmp_path_factory):
 @pytest.fixture
 def make_cfg(tmp_path, tiny_cache):
     """Compose a config for the tiny model with extra overrides, results under tmp_path."""
-    from lora_search.compose import load_config
+    from lora_search.config.compose import load_config
 
     def make(*overrides, model="tiny_llama", tracking="none"):
         base = [f"model={model}", f"results_dir={tmp_path / 'results'}", f"tracking={tracking}"]
@@ -136,7 +136,7 @@ def wandb_runs():
 @pytest.fixture(autouse=True)
 def _tracking_fresh():
     """A W&B failure switches tracking off for the process: give every test a fresh start."""
-    from lora_search import tracking
+    from lora_search.train import tracking
 
     tracking._broken.clear()
     yield

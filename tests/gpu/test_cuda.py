@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lora_search import hardware, models, runs
-from lora_search.train import train_adapter
+from lora_search.commands import train_stage
+from lora_search.core import hardware
+from lora_search.models import loaders
+from lora_search.train.run import train_adapter
 
 pytestmark = pytest.mark.gpu
 
@@ -26,12 +28,12 @@ def test_local_rank_picks_the_worker_gpu(monkeypatch):
 @pytest.mark.parametrize("quant", ["none", "nf4"])
 def test_training_on_gpu_keeps_the_base_and_learns(make_cfg, tiny_overrides, tmp_path, quant):
     cfg = make_cfg(*tiny_overrides, f"quant={quant}", "model.dtype=auto")
-    worker = runs.start_worker(cfg)
+    worker = train_stage.start_worker(cfg)
     assert next(worker.base.model.parameters()).device.type == "cuda"
-    before = models.checksum(worker.base.model)
+    before = loaders.checksum(worker.base.model)
     metrics = train_adapter(worker, cfg, tmp_path / "run")
     assert metrics["eval_loss"] < metrics["base_eval_loss"]
-    assert models.checksum(worker.base.model) == before
+    assert loaders.checksum(worker.base.model) == before
     assert metrics["peak_memory_mb"] > 0
 
 
@@ -59,12 +61,12 @@ def test_the_memory_estimate_is_within_10_percent_of_cuda_max_allocated(make_cfg
                                                                         batch):
     """memory.estimate against what a run records on CUDA (torch.cuda.max_memory_allocated), for a wider tiny model
     (activations and weights well above the allocator's granularity)."""
-    from lora_search import memory
+    from lora_search.models import memory
 
     cfg = make_cfg(*tiny_overrides, f"quant={quant}", "model.dtype=auto", f"trainer.batch_size={batch}",
                    "model.tiny.hidden_size=1024", "model.tiny.intermediate_size=4096", "model.tiny.num_hidden_layers=4",
                    "trainer.max_length=256", "trainer.exact_match_items=0", "trainer.eval_every=0")
-    worker = runs.start_worker(cfg)
+    worker = train_stage.start_worker(cfg)
     metrics = train_adapter(worker, cfg, tmp_path / "run", with_baseline=False, save=False)
-    est = memory.estimate(cfg, models.architecture(cfg.model, cfg.cache_dir), device="cuda")
+    est = memory.estimate(cfg, loaders.architecture(cfg.model, cfg.cache_dir), device="cuda")
     assert abs(est.total_mb - metrics["peak_memory_mb"]) <= 0.10 * metrics["peak_memory_mb"], est.describe()

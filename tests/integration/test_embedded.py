@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lora_search import models
-from lora_search.compose import load_config
+from lora_search.config.compose import load_config
+from lora_search.models import loaders
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -22,13 +22,13 @@ def smollm(tmp_path_factory):
     """A fresh cache: the GGUF is converted once, then loaded from safetensors."""
     cache = tmp_path_factory.mktemp("cache")
     cfg = load_config([f"cache_dir={cache}"])
-    folder = Path(models.local_copy(cfg.model, cfg.cache_dir))
+    folder = Path(loaders.local_copy(cfg.model, cfg.cache_dir))
     return cfg, folder
 
 
 def test_gguf_is_found_through_metadata_and_cached_as_safetensors(smollm):
     cfg, folder = smollm
-    gguf = models.embedded_gguf(cfg.model)
+    gguf = loaders.embedded_gguf(cfg.model)
     assert gguf.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and gguf.stat().st_size > 50e6
     assert (folder / "model.safetensors").exists() and (folder / "config.json").exists()
     config = json.loads((folder / "config.json").read_text())
@@ -38,13 +38,13 @@ def test_gguf_is_found_through_metadata_and_cached_as_safetensors(smollm):
 
 def test_cached_copy_loads_without_touching_the_gguf(smollm, monkeypatch):
     cfg, folder = smollm
-    monkeypatch.setattr(models, "_convert_gguf", lambda *a: pytest.fail("converted again"))
-    base = models.load_base(cfg.model, cfg.quant, cfg.cache_dir)
+    monkeypatch.setattr(loaders, "_convert_gguf", lambda *a: pytest.fail("converted again"))
+    base = loaders.load_base(cfg.model, cfg.quant, cfg.cache_dir)
     assert base.source_path == str(folder)
     assert sum(p.numel() for p in base.model.parameters()) == 134_515_008
     assert "<|im_start|>" in base.tokenizer.chat_template
     assert base.tokenizer.pad_token != base.tokenizer.eos_token  # padding never looks like an answer's end
-    from lora_search.evaluate import generate
+    from lora_search.train.evaluate import generate
 
     answers, _ = generate(base.model, base.tokenizer, [[{"role": "user", "content": "What is the capital of France?"}]],
                           max_new_tokens=12)

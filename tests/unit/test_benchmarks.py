@@ -243,7 +243,7 @@ def test_pruning_figures_and_targets_from_rows():
 
 def test_pruning_pruner_option_composes_to_exactly_that_pruner():
     from benchmarks import pruning
-    from lora_search.compose import load_config
+    from lora_search.config.compose import load_config
 
     spec = pruning.parse_pruner(pruning.PRUNER)
     assert spec == {"type": "successive_halving", "min_resource": 2, "reduction_factor": 3}
@@ -362,9 +362,9 @@ def test_throughput_figures():
 
 def test_throughput_counts_matmul_params_without_embeddings(make_cfg, tiny_overrides):
     from benchmarks import throughput
-    from lora_search import runs
+    from lora_search.commands import train_stage
 
-    model = runs.start_worker(make_cfg(*tiny_overrides)).base.model
+    model = train_stage.start_worker(make_cfg(*tiny_overrides)).base.model
     total = sum(p.numel() for p in model.parameters())
     emb = model.get_input_embeddings().weight.numel()
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight

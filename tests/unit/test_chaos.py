@@ -18,7 +18,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from lora_search import progress
+from lora_search.search import progress
 
 pytestmark = pytest.mark.slow  # 3 worker processes, restarted again and again (about 2 minutes on 2 cores)
 REPO = Path(__file__).resolve().parents[2]

@@ -101,10 +101,10 @@ def test_a_train_runs_status_records_provenance_and_a_failed_run_its_reason(make
     import re
     from importlib import metadata
 
-    from lora_search import runs
+    from lora_search.commands import train_stage
 
     fast = [*TINY_FAST, "trainer.max_steps=2", "trainer.eval_every=0", "trainer.exact_match_items=2"]
-    run_dir = runs.train_stage(make_cfg("stage=train", "run_name=ok", *fast))
+    run_dir = train_stage.train_stage(make_cfg("stage=train", "run_name=ok", *fast))
     status = json.loads((run_dir / "status.json").read_text())
     assert status["status"] == "complete" and status["reason"] is None
     provenance = status["provenance"]
@@ -117,9 +117,9 @@ def test_a_train_runs_status_records_provenance_and_a_failed_run_its_reason(make
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(runs, "train_adapter", broken)
+    monkeypatch.setattr(train_stage, "train_adapter", broken)
     with pytest.raises(RuntimeError, match="disk full"):
-        runs.train_stage(make_cfg("stage=train", "run_name=broken", *fast))
+        train_stage.train_stage(make_cfg("stage=train", "run_name=broken", *fast))
     failed = json.loads((run_dir.parent / "broken" / "status.json").read_text())
     assert failed["status"] == "failed" and failed["reason"] == "RuntimeError: disk full"
     assert failed["provenance"]["packages"]["torch"] == metadata.version("torch")
@@ -130,11 +130,11 @@ def test_run_name_is_model_lora_quant_and_time_unless_given(make_cfg):
     import datetime
     import re
 
-    from lora_search import runs
+    from lora_search.commands import train_stage
 
-    plain = runs.run_name(make_cfg("lora=minimal"))
+    plain = train_stage.run_name(make_cfg("lora=minimal"))
     match = re.fullmatch(r"tiny_llama-minimal-(\d{8}-\d{6})", plain)
     assert match, plain
     datetime.datetime.strptime(match[1], "%Y%m%d-%H%M%S")  # a real date and time
-    assert re.fullmatch(r"tiny_llama-balanced-nf4-\d{8}-\d{6}", runs.run_name(make_cfg("quant=nf4")))
-    assert runs.run_name(make_cfg("quant=nf4", "run_name=mine")) == "mine"
+    assert re.fullmatch(r"tiny_llama-balanced-nf4-\d{8}-\d{6}", train_stage.run_name(make_cfg("quant=nf4")))
+    assert train_stage.run_name(make_cfg("quant=nf4", "run_name=mine")) == "mine"

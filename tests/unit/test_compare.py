@@ -9,8 +9,9 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from lora_search import compare, records
-from lora_search.errors import ConfigError
+from lora_search.core import records
+from lora_search.core.errors import ConfigError
+from lora_search.report import compare
 
 DISTRIBUTIONS = {"lora.r": CategoricalDistribution([4, 8, 16]),
                  "trainer.learning_rate": FloatDistribution(2e-4, 3e-3, log=True)}
@@ -19,7 +20,7 @@ DISTRIBUTIONS = {"lora.r": CategoricalDistribution([4, 8, 16]),
 @pytest.fixture(scope="module")
 def base_cfg(tmp_path_factory):
     """A resolved RunConfig, as the pipeline writes it to sweep.yaml."""
-    from lora_search.compose import load_config
+    from lora_search.config.compose import load_config
 
     return load_config(["model=tiny_llama", f"results_dir={tmp_path_factory.mktemp('results')}"])
 

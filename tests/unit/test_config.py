@@ -6,10 +6,10 @@ import dataclasses
 
 import pytest
 
-from lora_search import compose, schema
-from lora_search.compose import load_config
-from lora_search.errors import ConfigError
-from lora_search.validate import validate
+from lora_search.checks.run_config import validate
+from lora_search.config import compose, schema
+from lora_search.config.compose import load_config
+from lora_search.core.errors import ConfigError
 
 
 def problems_of(*overrides):
@@ -139,7 +139,7 @@ def test_schema_keys_cover_nested_groups():
 
 
 def test_a_password_in_a_storage_url_is_never_written(make_cfg, tmp_path):
-    from lora_search import records
+    from lora_search.core import records
 
     cfg = make_cfg("sweep.storage=postgresql+psycopg://lora:hunter2@db.example:5432/studies")
     records.write_config(tmp_path / "sweep.yaml", cfg)

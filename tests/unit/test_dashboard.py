@@ -17,9 +17,9 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
 
-from lora_search import dashboard
-from lora_search.compose import load_config
-from lora_search.errors import ConfigError
+from lora_search.commands import dashboard
+from lora_search.config.compose import load_config
+from lora_search.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 TRIALS = [({"lora.r": 16, "trainer.learning_rate": 1e-3}, 1.25), ({"lora.r": 4, "trainer.learning_rate": 3e-4}, 1.5),

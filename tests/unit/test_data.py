@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import datasets
 import pytest
 
-from lora_search import tasks
-from lora_search.data import fingerprint, load_task_data
-from lora_search.errors import DataError
-from lora_search.schema import DataConfig
-from lora_search.validate import check_data
+from lora_search.checks.run_config import check_data
+from lora_search.config.schema import DataConfig
+from lora_search.core.errors import DataError
+from lora_search.data import embedded_tasks
+from lora_search.data.load import fingerprint, load_task_data
 
 datasets.disable_progress_bars()
 
@@ -424,12 +424,12 @@ def test_fingerprint_function_is_order_and_content_sensitive():
 
 
 def embedded(**kw):
-    return DataConfig(source="embedded", tasks=list(tasks.TASKS), train_per_task=6, eval_per_task=3, **kw)
+    return DataConfig(source="embedded", tasks=list(embedded_tasks.TASKS), train_per_task=6, eval_per_task=3, **kw)
 
 
 def test_embedded_data_matches_the_task_generator():
     data = load_task_data(embedded(seed=4))
-    train, evals = tasks.train_eval(list(tasks.TASKS), 6, 3, 4)
+    train, evals = embedded_tasks.train_eval(list(embedded_tasks.TASKS), 6, 3, 4)
     assert data.layout == "prompt_completion"
     assert data.train.to_list() == [{"prompt": [user(r["prompt"])], "completion": [assistant(r["answer"])]} for r in train]
     assert data.eval.to_list() == [{"prompt": [user(r["prompt"])], "completion": [assistant(r["answer"])]} for r in evals]
@@ -495,7 +495,7 @@ def test_check_data_reports_missing_and_unsupported_files(tmp_path):
 
 def test_composed_local_config_checks_columns_layout(tmp_path):
     """Through Hydra composition (`data=local`); check_data rather than validate, which imports transformers."""
-    from lora_search.compose import load_config
+    from lora_search.config.compose import load_config
 
     path = write(tmp_path / "d.jsonl", qa_rows(4))
     base = ["data=local", f"data.path={path}", "data.layout=columns"]

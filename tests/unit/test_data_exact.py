@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lora_search.data import load_task_data
-from lora_search.errors import DataError
-from lora_search.schema import DataConfig
+from lora_search.config.schema import DataConfig
+from lora_search.core.errors import DataError
+from lora_search.data.load import load_task_data
 
 datasets.disable_progress_bars()
 
@@ -302,7 +302,7 @@ def test_hub_eval_split_is_read_strictly_too(tmp_path):
 
 
 def test_report_counts_dropped_rows_duplicates_and_leakage_and_warns(tmp_path, caplog):
-    from lora_search import datareport
+    from lora_search.data import quality_report
 
     rows = [{"prompt": "same", "completion": "a"}, {"prompt": "same", "completion": "a"},
             {"prompt": "other", "completion": "b"}, {"prompt": "", "completion": "c"}, {"prompt": "x", "completion": ""}]
@@ -314,41 +314,43 @@ def test_report_counts_dropped_rows_duplicates_and_leakage_and_warns(tmp_path, c
                                           "with an empty completion": {"rows": 1, "first": "line 5"}}
     assert report["train"]["duplicates"] == 1
     assert (report["leakage"], report["leakage_first_eval_row"]) == (1, 1)
-    with caplog.at_level(logging.WARNING, logger="lora_search.datareport"):
-        datareport.warn(report)
+    with caplog.at_level(logging.WARNING, logger="lora_search.data.quality_report"):
+        quality_report.warn(report)
     assert "1 eval rows have a prompt that is also in the train rows (first: eval row 1)" in caplog.text
-    assert datareport.summary(report) == {"data_rows_read": 5, "data_rows_dropped": 2, "data_duplicates": 1,
+    assert quality_report.summary(report) == {"data_rows_read": 5, "data_rows_dropped": 2, "data_duplicates": 1,
                                           "data_leakage": 1}
 
 
 def test_token_counts_and_truncation_follow_max_length(tmp_path, caplog):
-    from lora_search import datareport, models
+    from lora_search.data import quality_report
+    from lora_search.models import loaders
 
     rows = [{"prompt": "q", "completion": "a" * n} for n in (1, 5, 40, 80)]
     data = load_task_data(local(write(tmp_path / "t.jsonl", rows), eval_path=str(write(tmp_path / "e.jsonl", rows))))
-    tokenizer = models.byte_tokenizer()
-    lengths = sorted(len(datareport.row_tokens(r, tokenizer)[0]) for r in data.train)
-    report = datareport.add_tokens(data.report, data, tokenizer, max_length=48)
+    tokenizer = loaders.byte_tokenizer()
+    lengths = sorted(len(quality_report.row_tokens(r, tokenizer)[0]) for r in data.train)
+    report = quality_report.add_tokens(data.report, data, tokenizer, max_length=48)
     over = sum(n > 48 for n in lengths)
     assert over == 2 and report["tokens"]["train"]["truncated"] == over and report["truncated"] == 2 * over
     assert report["tokens"]["train"]["max"] == lengths[-1] and report["tokens"]["train"]["p50"] == lengths[1]
-    with caplog.at_level(logging.WARNING, logger="lora_search.datareport"):
-        datareport.warn(report)
+    with caplog.at_level(logging.WARNING, logger="lora_search.data.quality_report"):
+        quality_report.warn(report)
     assert "2 train and 2 eval rows are longer than trainer.max_length=48" in caplog.text
-    assert datareport.add_tokens(data.report, data, tokenizer, max_length=512)["truncated"] == 0
+    assert quality_report.add_tokens(data.report, data, tokenizer, max_length=512)["truncated"] == 0
 
 
 def test_a_train_run_records_the_data_report_and_warns_on_truncation(make_cfg, tmp_path, caplog):
     """stage=train: data_report.json in the run folder, data_* counts in metrics.json, a WARNING for truncation."""
-    from lora_search import records, runs
+    from lora_search.commands import train_stage
+    from lora_search.core import records
 
     rows = [{"prompt": f"q{k}", "completion": ("long " * 20 if k == 0 else f"0{k}")} for k in range(8)]
     path = write(tmp_path / "t.jsonl", rows + [rows[1]])
     cfg = make_cfg("data=local", f"data.path={path}", "data.eval_fraction=0.25", "trainer.max_length=48",
                    "trainer.max_steps=1", "trainer.batch_size=2", "trainer.eval_every=0", "trainer.exact_match_items=0",
                    "run_name=report")
-    with caplog.at_level(logging.WARNING, logger="lora_search.datareport"):
-        run_dir = runs.train_stage(cfg)
+    with caplog.at_level(logging.WARNING, logger="lora_search.data.quality_report"):
+        run_dir = train_stage.train_stage(cfg)
     report = records.read_json(run_dir / "data_report.json")
     metrics = records.read_json(run_dir / "metrics.json")
     assert report["fingerprint"] == metrics["data_fingerprint"]
@@ -360,17 +362,18 @@ def test_a_train_run_records_the_data_report_and_warns_on_truncation(make_cfg, t
 
 
 def test_a_sweep_worker_writes_the_data_report_under_the_study(make_cfg, tmp_path):
-    from lora_search import records, runs
-    from lora_search.data import load_task_data
+    from lora_search.commands import train_stage
+    from lora_search.core import records
+    from lora_search.data.load import load_task_data
 
     cfg = make_cfg("data.train_per_task=4", "data.eval_per_task=2", "sweep.name=reported")
     data = load_task_data(cfg.data)
-    runs.start_worker(cfg, data)
+    train_stage.start_worker(cfg, data)
     report = records.read_json(tmp_path / "results" / "reported" / "data_report.json")
     assert report["fingerprint"] == data.fingerprint and report["train_rows"] == 16 and report["eval_rows"] == 8
     assert report["tokens"]["train"]["max"] > 0 and report["truncated"] == 0
     other = load_task_data(make_cfg("data.train_per_task=3", "data.eval_per_task=2", "sweep.name=reported").data)
-    runs.start_worker(cfg, other)  # a second data setting in the same sweep keeps the first report
+    train_stage.start_worker(cfg, other)  # a second data setting in the same sweep keeps the first report
     assert records.read_json(tmp_path / "results" / "reported" / "data_report.json")["fingerprint"] == data.fingerprint
     assert records.read_json(tmp_path / "results" / "reported" / f"data_report-{other.fingerprint[:12]}.json")
 

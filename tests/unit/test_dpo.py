@@ -10,8 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_search import adapters, dpo, models, runs, train
-from lora_search.tasks import WORDS
+from lora_search.commands import train_stage
+from lora_search.data.embedded_tasks import WORDS
+from lora_search.models import adapters, loaders
+from lora_search.train import dpo, run
 
 DPO_FAST = ["trainer=dpo", "trainer.max_steps=12", "trainer.batch_size=4", "trainer.eval_every=6",
             "trainer.eval_subset=8", "trainer.learning_rate=1e-2", "trainer.logging_steps=1", "data.eval_fraction=0.25"]
@@ -29,13 +31,13 @@ def write_pairs(path, n: int = 48):
 @pytest.fixture
 def dpo_worker(make_cfg, tmp_path):
     cfg = make_cfg(*DPO_FAST, "data=local", f"data.path={write_pairs(tmp_path / 'pairs.jsonl')}")
-    return runs.start_worker(cfg), cfg
+    return train_stage.start_worker(cfg), cfg
 
 
 def test_dpo_lowers_its_loss_and_trains_only_the_adapter(dpo_worker, tmp_path):
     worker, cfg = dpo_worker
-    before = models.checksum(worker.base.model)
-    metrics = train.train_adapter(worker, cfg, tmp_path / "run")
+    before = loaders.checksum(worker.base.model)
+    metrics = run.train_adapter(worker, cfg, tmp_path / "run")
 
     assert metrics["method"] == "dpo" and metrics["steps"] == 12
     assert metrics["train_loss_first"] == pytest.approx(math.log(2), abs=0.02)  # policy == reference at step 0
@@ -49,7 +51,7 @@ def test_dpo_lowers_its_loss_and_trains_only_the_adapter(dpo_worker, tmp_path):
     lora_b = [t for name, t in adapter.items() if "lora_B" in name]
     assert lora_b and all(torch.count_nonzero(t) > 0 for t in lora_b)  # B starts at zero: it moved
     assert sum(t.numel() for t in adapter.values()) == metrics["trainable_params"]  # no reference copy saved
-    assert models.checksum(worker.base.model) == before
+    assert loaders.checksum(worker.base.model) == before
     assert not any("lora" in name for name, _ in worker.base.model.named_modules())
 
 
@@ -64,10 +66,10 @@ def test_the_reference_is_the_base_with_the_adapter_disabled(dpo_worker, tmp_pat
     worker, cfg = dpo_worker
     base_params = sum(p.numel() for p in worker.base.model.parameters())
     with adapters.trainer_patches_undone(worker.base.model):
-        peft_model = train._attach(worker, cfg)
+        peft_model = run._attach(worker, cfg)
         trainer = None
         try:
-            trainer, _ = train._trainer(worker, peft_model, cfg, tmp_path / "run", [], [])
+            trainer, _ = run._trainer(worker, peft_model, cfg, tmp_path / "run", [], [])
             assert trainer.ref_model is None and dpo.REF not in peft_model.peft_config
             trainable, total = peft_model.get_nb_trainable_parameters()
             assert total == base_params + trainable  # the base once, plus one adapter
@@ -82,7 +84,7 @@ def test_the_reference_is_the_base_with_the_adapter_disabled(dpo_worker, tmp_pat
                 base_chosen, base_rejected = dpo.pair_logps(peft_model, worker.base.tokenizer, pairs, None)
             policy_chosen, _ = dpo.pair_logps(peft_model, worker.base.tokenizer, pairs, None)
         finally:
-            train._release(worker, trainer, peft_model)
+            run._release(worker, trainer, peft_model)
     assert ref_chosen.tolist() == pytest.approx(base_chosen, rel=1e-3)  # fused LM head vs plain logits: float noise
     assert ref_rejected.tolist() == pytest.approx(base_rejected, rel=1e-3)
     assert max(abs(a - b) for a, b in zip(policy_chosen, base_chosen)) > 0.1
@@ -92,19 +94,19 @@ def test_sft_then_dpo_continues_the_sft_adapter_which_is_the_reference(make_cfg,
     """trainer.init_adapter: the SFT adapter is loaded trainable, TRL keeps a frozen copy as the reference, the
     base is untouched and only the continued adapter moves."""
     sft_cfg = make_cfg(*tiny_overrides)
-    sft_worker = runs.start_worker(sft_cfg)
-    train.train_adapter(sft_worker, sft_cfg, tmp_path / "sft", with_baseline=False)
+    sft_worker = train_stage.start_worker(sft_cfg)
+    run.train_adapter(sft_worker, sft_cfg, tmp_path / "sft", with_baseline=False)
     start = load_file(tmp_path / "sft" / "adapter" / "adapter_model.safetensors")
 
     cfg = make_cfg(*DPO_FAST, "data=local", f"data.path={write_pairs(tmp_path / 'pairs.jsonl')}",
                    f"trainer.init_adapter={tmp_path / 'sft' / 'adapter'}", "lora.r=2")
-    worker = runs.start_worker(cfg)
-    before = models.checksum(worker.base.model)
+    worker = train_stage.start_worker(cfg)
+    before = loaders.checksum(worker.base.model)
     with adapters.trainer_patches_undone(worker.base.model):
-        peft_model = train._attach(worker, cfg)
+        peft_model = run._attach(worker, cfg)
         trainer = None
         try:
-            trainer, _ = train._trainer(worker, peft_model, cfg, tmp_path / "probe", [], [])
+            trainer, _ = run._trainer(worker, peft_model, cfg, tmp_path / "probe", [], [])
             ref = {n: p for n, p in peft_model.named_parameters() if f".{dpo.REF}." in n}
             assert ref and not any(p.requires_grad for p in ref.values())  # the reference copy is frozen
             loaded = {n.replace(".default", ""): p for n, p in peft_model.named_parameters() if ".default." in n}
@@ -112,8 +114,8 @@ def test_sft_then_dpo_continues_the_sft_adapter_which_is_the_reference(make_cfg,
             assert all(torch.equal(loaded[k], v) for k, v in start.items())
             assert all(p.shape[0 if "lora_A" in n else 1] == sft_cfg.lora.r for n, p in loaded.items())  # not lora.r=2
         finally:
-            train._release(worker, trainer, peft_model)
-    metrics = train.train_adapter(worker, cfg, tmp_path / "dpo")
+            run._release(worker, trainer, peft_model)
+    metrics = run.train_adapter(worker, cfg, tmp_path / "dpo")
     assert metrics["start_preference_accuracy"] is not None
     assert metrics["train_loss_first"] == pytest.approx(math.log(2), abs=0.02)  # policy == the SFT reference
     assert metrics["train_loss_last"] < metrics["train_loss_first"]
@@ -121,7 +123,7 @@ def test_sft_then_dpo_continues_the_sft_adapter_which_is_the_reference(make_cfg,
     assert set(continued) == set(start)  # the SFT adapter's own modules and rank, no reference copy
     assert [p.name for p in (tmp_path / "dpo" / "adapter").iterdir() if p.is_dir()] == []  # nor TRL's ref/ folder
     assert any(not torch.equal(continued[k], start[k]) for k in start)
-    assert models.checksum(worker.base.model) == before
+    assert loaders.checksum(worker.base.model) == before
 
 
 def test_compact_lm_head_gives_dpo_the_same_losses(dpo_worker, tmp_path):
@@ -130,7 +132,7 @@ def test_compact_lm_head_gives_dpo_the_same_losses(dpo_worker, tmp_path):
     out = {}
     for setting in (False, True):
         cfg.trainer.compact_lm_head = setting
-        out[setting] = train.train_adapter(worker, cfg, tmp_path / str(setting), with_baseline=False, save=False)
+        out[setting] = run.train_adapter(worker, cfg, tmp_path / str(setting), with_baseline=False, save=False)
     assert out[True]["eval_loss"] == pytest.approx(out[False]["eval_loss"], rel=1e-4)
     assert out[True]["train_loss_last"] == pytest.approx(out[False]["train_loss_last"], rel=1e-4)
 
@@ -139,12 +141,12 @@ def test_pairs_are_scored_as_dpo_tokenizes_them(dpo_worker, tmp_path):
     """dpo.tokenize_pairs (the benchmark's) gives the ids DPOTrainer trains on."""
     worker, cfg = dpo_worker
     with adapters.trainer_patches_undone(worker.base.model):
-        peft_model = train._attach(worker, cfg)
+        peft_model = run._attach(worker, cfg)
         trainer = None
         try:
-            trainer, full_eval = train._trainer(worker, peft_model, cfg, tmp_path, [], [])
+            trainer, full_eval = run._trainer(worker, peft_model, cfg, tmp_path, [], [])
         finally:
-            train._release(worker, trainer, peft_model)
+            run._release(worker, trainer, peft_model)
     ours = dpo.tokenize_pairs(worker.data.eval, worker.base.tokenizer)
     theirs = [{k: full_eval[i][k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for i in range(len(full_eval))]
     assert ours == theirs
@@ -156,7 +158,9 @@ def test_a_dpo_sweep_searches_beta_then_promotes_merges_and_benchmarks_on_held_o
     pair."""
     import optuna
 
-    from lora_search import pipeline, records, study as study_lib
+    from lora_search.commands import pipeline
+    from lora_search.core import records
+    from lora_search.search import study as study_lib
 
     cfg = make_cfg("sweep=dpo_beta", "data=local", f"data.path={write_pairs(tmp_path / 'pairs.jsonl')}",
                    "data.eval_fraction=0.25", "sweep.n_trials=3", "trainer.learning_rate=1e-2",
@@ -195,7 +199,7 @@ def test_the_loss_type_takes_effect(dpo_worker, tmp_path, loss_type, first_loss)
     IPO's (1 / (2 beta))^2, the hinge's 1."""
     worker, cfg = dpo_worker
     cfg.trainer.loss_type, cfg.trainer.beta, cfg.trainer.max_steps = loss_type, 0.1, 3
-    metrics = train.train_adapter(worker, cfg, tmp_path / loss_type, with_baseline=False, save=False)
+    metrics = run.train_adapter(worker, cfg, tmp_path / loss_type, with_baseline=False, save=False)
     assert metrics["train_loss_first"] == pytest.approx(first_loss, rel=0.02)
     assert math.isfinite(metrics["eval_loss"])
 
@@ -203,21 +207,21 @@ def test_the_loss_type_takes_effect(dpo_worker, tmp_path, loss_type, first_loss)
 def test_a_diverging_dpo_trial_is_stopped_with_its_reason(dpo_worker, tmp_path):
     import optuna
 
-    from lora_search.pruning import PruningCallback, TrialStopped
+    from lora_search.train.pruning import PruningCallback, TrialStopped
 
     worker, cfg = dpo_worker
     cfg.trainer.learning_rate, cfg.trainer.max_grad_norm, cfg.trainer.max_steps = 1e8, 1e12, 12
     trial = optuna.create_study(direction="maximize").ask()
     callback = PruningCallback(trial, "eval_rewards/accuracies", maximize=True)
-    before = models.checksum(worker.base.model)
+    before = loaders.checksum(worker.base.model)
     with pytest.raises(TrialStopped, match="diverged"):
-        train.train_adapter(worker, cfg, tmp_path / "nan", callbacks=[callback], with_baseline=False, save=False)
-    assert models.checksum(worker.base.model) == before
+        run.train_adapter(worker, cfg, tmp_path / "nan", callbacks=[callback], with_baseline=False, save=False)
+    assert loaders.checksum(worker.base.model) == before
 
 
 def test_init_adapter_takes_a_study_name_or_a_folder(tmp_path):
     """README: `trainer.init_adapter=rank_lr` reads results/rank_lr/full/adapter; a folder is taken as it is."""
-    from lora_search.validate import init_adapter_dir
+    from lora_search.checks.run_config import init_adapter_dir
 
     promoted = tmp_path / "results" / "rank_lr" / "full" / "adapter"
     promoted.mkdir(parents=True)
@@ -243,7 +247,7 @@ def test_stage_train_with_dpo_writes_the_run_folder(make_cfg, tmp_path, caplog):
     cfg = make_cfg(*DPO_FAST, "stage=train", "run_name=dpo", "data=local",
                    f"data.path={write_pairs(tmp_path / 'pairs.jsonl')}")
     with caplog.at_level(logging.INFO, logger="lora_search"):
-        run_dir = runs.train_stage(cfg)
+        run_dir = train_stage.train_stage(cfg)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert json.loads((run_dir / "status.json").read_text())["status"] == "complete"
     assert metrics["preference_accuracy"] > metrics["base_preference_accuracy"]

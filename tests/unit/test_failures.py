@@ -16,8 +16,12 @@ import torch
 from optuna.trial import TrialState
 from transformers import TrainerCallback
 
-from lora_search import guard, hardware, models, pipeline, study as study_lib
-from lora_search.errors import ConfigError
+from lora_search.commands import pipeline
+from lora_search.core import hardware
+from lora_search.core.errors import ConfigError
+from lora_search.models import loaders
+from lora_search.search import failures
+from lora_search.search import study as study_lib
 
 SMALL = ["data.train_per_task=24", "data.eval_per_task=6", "++sweep.trial={trainer.max_steps: 4, trainer.eval_every: 2, "
          "trainer.batch_size: 4, trainer.exact_match_items: 0}", "sweep.pruner=none"]
@@ -74,7 +78,7 @@ def test_an_out_of_memory_trial_frees_its_memory_and_leaves_the_base_untouched(m
     seen = []  # (tensor memory, base checksum) as each trial starts, the base and data already loaded
 
     def before(worker):
-        seen.append((hardware.tensor_memory_mb(worker.base.model), models.checksum(worker.base.model)))
+        seen.append((hardware.tensor_memory_mb(worker.base.model), loaders.checksum(worker.base.model)))
 
     _inject(monkeypatch, [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")], before)
     assert pipeline.run(cfg) == 0
@@ -91,7 +95,7 @@ def test_max_failures_stops_the_sweep_with_a_grouped_summary(make_cfg, monkeypat
                    "++sweep.space={lora.r: {type: categorical, choices: [16]}, "
                    "trainer.learning_rate: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}}")
     calls = _inject(monkeypatch, [torch.OutOfMemoryError("CUDA out of memory")] * 10)
-    assert pipeline.run(cfg) == guard.EXIT_FAILURES == 4
+    assert pipeline.run(cfg) == failures.EXIT_FAILURES == 4
     assert len(calls) == 3  # stopped at the limit
     trials = study_lib.open_study(cfg).trials
     assert [t.state for t in trials] == [TrialState.FAIL] * 3
@@ -129,7 +133,7 @@ def test_the_summary_groups_by_error_and_names_the_shared_params():
                      "KeyError", "before training"),
              _failed(5, {"lora.r": 8, "trainer.batch_size": 4, "trainer.learning_rate": 1e-4}, "eval_loss is nan",
                      None, None)]
-    text = guard.summarize(oom + other, 6)
+    text = failures.summarize(oom + other, 6)
     lines = text.splitlines()
     assert lines[0] == "6 trials failed in a row (sweep.max_failures=6); the sweep stopped:"
     assert lines[1] == ("  4x OutOfMemoryError at step 1 with r=64, batch_size=16: CUDA out of memory. Tried to "
@@ -159,7 +163,7 @@ def test_a_dead_local_workers_trial_is_failed_and_queued_again(tmp_path):
             trial = study.ask()
             trial.suggest_float("trainer.learning_rate", 1e-4, 1e-2, log=True)
             trial.set_user_attr("worker", worker)
-        assert guard.fail_dead_workers(study, tmp_path) == [0]
+        assert failures.fail_dead_workers(study, tmp_path) == [0]
         trials = study.trials
         assert [t.state for t in trials] == [TrialState.FAIL, TrialState.RUNNING, TrialState.RUNNING,
                                              TrialState.WAITING]
@@ -167,7 +171,7 @@ def test_a_dead_local_workers_trial_is_failed_and_queued_again(tmp_path):
         assert trials[0].user_attrs["reason"] == reason and trials[0].user_attrs["status"] == "failed"
         assert json.loads((tmp_path / "trials" / "0000" / "status.json").read_text())["reason"] == reason
         assert trials[3].user_attrs == {"retry_of": 0}  # the same configuration runs next, once
-        assert guard.fail_dead_workers(study, tmp_path) == [] and len(study.trials) == 4
+        assert failures.fail_dead_workers(study, tmp_path) == [] and len(study.trials) == 4
     finally:
         live.kill()
         live.wait()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import re
 
-from lora_search.html import markdown_to_html
+from lora_search.report.html_page import markdown_to_html
 
 # a 1x1 PNG
 PNG = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5E"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lora_search.errors import LoraSearchError
+from lora_search.core.errors import LoraSearchError
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "examples" / "k8s"
@@ -68,9 +68,11 @@ def command_of(container: dict, index: int = INDEX) -> list[str]:
 def cli_check(args: list[str]):
     """What `python -m lora_search <args>` checks before Hydra starts (lora_search/__main__.py main()): the
     overrides against the groups and the schema, then the composed run's pre-run checks. Returns the RunConfig."""
-    from lora_search import compose, preflight, secrets
+    from lora_search.commands import preflight
+    from lora_search.config import compose
+    from lora_search.core import masking
 
-    args = secrets.guard(list(args))
+    args = masking.guard(list(args))
     compose.check_overrides(preflight.overrides_of(args))
     assert preflight.is_run(args)
     cfg = preflight.compose(args)
@@ -122,7 +124,7 @@ def test_every_container_has_one_gpu_requests_and_the_results_volume():
 
     (pvc,) = of_kind("PersistentVolumeClaim")
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]  # several pods write trial records at once
-    results_dir = OmegaConf.load(REPO / "conf" / "config.yaml").results_dir
+    results_dir = OmegaConf.load(REPO / "lora_search" / "conf" / "config.yaml").results_dir
     for job, doc, c in containers():
         resources = c["resources"]
         assert int(resources["limits"]["nvidia.com/gpu"]) == 1, job
@@ -152,7 +154,7 @@ def storage_env(tmp_path, monkeypatch):
 @pytest.mark.slow  # composes the real SmolLM2 sweep for each container
 def test_every_container_command_passes_the_cli_checks(storage_env, tmp_path, tiny_cache):
     """The real sweep=rank_lr (the embedded SmolLM2's GGUF metadata is read): composed and checked, nothing run."""
-    from lora_search import storage
+    from lora_search.scale import storage
 
     expected = {"search": ("search", INDEX), "all": ("all", 0)}
     seen = set()

@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 
-from lora_search import adapters, memory, models
+from lora_search.models import adapters, loaders, memory
 
 MB = 2**20
 
@@ -20,7 +20,7 @@ def tiny(make_cfg):
     """(cfg, arch) for the tiny model with extra overrides."""
     def make(*overrides):
         cfg = make_cfg(*overrides)
-        return cfg, models.architecture(cfg.model, cfg.cache_dir)
+        return cfg, loaders.architecture(cfg.model, cfg.cache_dir)
     return make
 
 
@@ -41,7 +41,7 @@ def changed(cfg, **dotted):
 ])
 def test_lora_part_is_16_bytes_per_parameter_peft_counts(tiny, overrides):
     cfg, arch = tiny(*overrides)
-    trainable, _ = adapters.count_parameters(cfg.lora, cfg.model, models.meta_model(arch))
+    trainable, _ = adapters.count_parameters(cfg.lora, cfg.model, loaders.meta_model(arch))
     assert memory.lora_parameters(cfg, arch) == trainable
     est = memory.estimate(cfg, arch, "cpu")
     assert est.parts["lora"] * MB == pytest.approx(16 * trainable)  # fp32 weight, gradient, two AdamW states
@@ -110,7 +110,7 @@ def test_base_weights_by_quant_mode_match_the_loaded_model(tiny):
                         ("int8", ["quant.skip_modules=[lm_head,down_proj]"])):
         cfg, arch = tiny(f"quant={mode}", *extra)
         sizes[mode, *extra] = memory.base_mb(cfg, arch, "cpu")
-        base = models.load_base(cfg.model, cfg.quant, cfg.cache_dir)
+        base = loaders.load_base(cfg.model, cfg.quant, cfg.cache_dir)
         assert sizes[mode, *extra] == pytest.approx(_loaded_bytes(base.model) / MB, rel=0.03), (mode, extra)
     assert sizes["nf4",] < sizes["int8",] < sizes["none",]
     assert sizes["int8", "quant.skip_modules=[lm_head,down_proj]"] > sizes["int8",]  # down_proj kept in fp32
@@ -121,7 +121,7 @@ def test_activation_part_is_what_autograd_saves(tiny):
     once), against the estimate's activations part, in fp32 and under CPU bf16 autocast."""
     for precision in ("fp32", "bf16"):
         cfg, arch = tiny(f"trainer.precision={precision}", "trainer.batch_size=4", "lora.targets=all_linear")
-        base = models.load_base(cfg.model, cfg.quant, cfg.cache_dir)
+        base = loaders.load_base(cfg.model, cfg.quant, cfg.cache_dir)
         model = adapters.attach(base.model, cfg.lora, cfg.model)
         model.train()
         rows, length = cfg.trainer.batch_size, 48
@@ -169,7 +169,7 @@ def test_auto_budget_is_free_memory_plus_own_rss():
 def test_estimate_reads_the_architecture_once(tiny, monkeypatch):
     cfg, arch = tiny()
     memory.estimate(cfg, arch, "cpu")
-    monkeypatch.setattr(models, "meta_model", lambda arch: pytest.fail("the module tree was built again"))
+    monkeypatch.setattr(loaders, "meta_model", lambda arch: pytest.fail("the module tree was built again"))
     for r in (4, 8, 16):
         cfg.lora.r = r
         memory.estimate(cfg, arch, "cpu")

@@ -11,9 +11,13 @@ import pytest
 import torch
 import yaml
 
-from lora_search import benchmark, evaluate, merge, models, records, runs
-from lora_search.compose import load_config
-from lora_search.train import train_adapter
+from lora_search.commands import train_stage
+from lora_search.config.compose import load_config
+from lora_search.core import records
+from lora_search.models import loaders
+from lora_search.promote import benchmark, merge
+from lora_search.train import evaluate
+from lora_search.train.run import train_adapter
 from tests.conftest import TINY_FAST
 
 BENCH_FAST = ["benchmark.latency_prompts=2", "benchmark.repeats=1", "benchmark.max_new_tokens=4"]
@@ -26,7 +30,7 @@ def study(tmp_path_factory, tiny_cache):
     # As make_cfg + tiny_overrides compose it, at module scope so the adapter is trained once.
     cfg = load_config(["model=tiny_llama", f"results_dir={root / 'results'}", f"cache_dir={tiny_cache}",
                        *TINY_FAST, *BENCH_FAST])
-    worker = runs.start_worker(cfg)
+    worker = train_stage.start_worker(cfg)
     metrics = train_adapter(worker, cfg, root / "full")
     records.write_json(root / "full" / "metrics.json", metrics)
     data = worker.data
@@ -67,7 +71,7 @@ def test_merged_logits_match_the_adapter_and_differ_from_the_base(study):
 
     cfg, folder = study["cfg"], study["dir"] / "full"
     tok, texts = _texts(study)
-    base = AutoModelForCausalLM.from_pretrained(models.local_copy(cfg.model, cfg.cache_dir)).eval()
+    base = AutoModelForCausalLM.from_pretrained(loaders.local_copy(cfg.model, cfg.cache_dir)).eval()
     peft_model = PeftModel.from_pretrained(base, folder / "adapter").eval()
     merged = AutoModelForCausalLM.from_pretrained(folder / "merged").eval()
 
@@ -176,7 +180,7 @@ def test_nf4_adapter_is_merged_onto_a_full_precision_reload(make_cfg, tiny_overr
 
     fast = [o for o in tiny_overrides if not o.startswith(("trainer.max_steps", "trainer.exact_match_items"))]
     cfg = make_cfg(*fast, "trainer.max_steps=6", "trainer.exact_match_items=0", "quant=nf4")
-    worker = runs.start_worker(cfg)
+    worker = train_stage.start_worker(cfg)
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in worker.base.model.modules())
     train_adapter(worker, cfg, tmp_path / "full", with_baseline=False)
     record = merge.merge_stage(cfg, tmp_path, worker.data)

@@ -6,8 +6,10 @@ import json
 
 import pytest
 
-from lora_search import guard, nightly, pipeline, study as study_lib
-from lora_search.errors import ConfigError
+from lora_search.commands import nightly, pipeline
+from lora_search.core.errors import ConfigError
+from lora_search.search import failures
+from lora_search.search import study as study_lib
 
 NIGHT = ["sweep=nightly", "data.train_per_task=24", "data.eval_per_task=6", "sweep.timeout_s=600",
          "++sweep.trial={trainer.max_steps: 6, trainer.eval_every: 3, trainer.batch_size: 4, "
@@ -161,7 +163,7 @@ def test_a_night_that_raises_exits_1_with_the_reason_in_night_json(tmp_path, tin
 
 def test_a_user_error_once_the_night_started_is_a_recorded_failure_exit_1_not_2(tmp_path, tiny_cache, monkeypatch,
                                                                                capsys):
-    from lora_search.errors import DataError
+    from lora_search.core.errors import DataError
 
     def changed_under_us(*args, **kwargs):  # the checks passed; the data went bad while the night ran
         raise DataError("data.path: /data/train.jsonl is empty (0 rows)")
@@ -206,7 +208,7 @@ def test_the_shipped_schedules_run_the_nightly_sweep_as_the_readme_says():
 
     import yaml
 
-    from lora_search.compose import load_config
+    from lora_search.config.compose import load_config
 
     folder = Path(__file__).resolve().parents[2] / "examples" / "nightly"
     command = re.compile(r"python -m lora_search sweep=nightly(\s|$)")
@@ -240,7 +242,7 @@ def test_the_shipped_schedules_run_the_nightly_sweep_as_the_readme_says():
     assert "if [ $rc -eq 3 ]" in script and "exit 0" in script and script.rstrip().endswith("exit $rc")
 
 
-@pytest.mark.parametrize("error, code", [(guard.TooManyFailures("5 trials failed in a row"), 4), (KeyboardInterrupt(), 130)])
+@pytest.mark.parametrize("error, code", [(failures.TooManyFailures("5 trials failed in a row"), 4), (KeyboardInterrupt(), 130)])
 def test_a_night_whose_trials_keep_failing_or_that_is_interrupted_is_recorded_as_failed(make_cfg, monkeypatch, error,
                                                                                       code):
     def stop(*args, **kwargs):

@@ -8,8 +8,9 @@ import json
 
 import pytest
 
-from lora_search import pipeline, study as study_lib
-from lora_search.errors import ConfigError
+from lora_search.commands import pipeline
+from lora_search.core.errors import ConfigError
+from lora_search.search import study as study_lib
 
 FAST = ["data.train_per_task=12", "data.eval_per_task=4", "sweep.pruner=none", "sweep.sampler=random",
         "sweep.exact_match_items=4", "++sweep.space={trainer.learning_rate: {type: float, low: 1e-3, high: 3e-3}}",
@@ -63,7 +64,7 @@ def test_objective_settings_that_cannot_work_are_refused_in_one_line(make_cfg, o
 
 
 def test_trials_generate_only_for_an_exact_match_objective_and_the_trial_block_wins(make_cfg):
-    from lora_search import trial as space_lib
+    from lora_search.config import space as space_lib
 
     assert space_lib.trial_base(make_cfg()).trainer.exact_match_items == 0
     assert space_lib.trial_base(make_cfg("sweep.metric=exact_match")).trainer.exact_match_items == 16

@@ -9,10 +9,10 @@ import json
 
 import pytest
 
-from lora_search import data as data_lib
-from lora_search import tasks
-from lora_search.errors import DataError
-from lora_search.schema import DataConfig
+from lora_search.config.schema import DataConfig
+from lora_search.core.errors import DataError
+from lora_search.data import embedded_tasks
+from lora_search.data import load as data_lib
 
 U, A = "user", "assistant"
 
@@ -139,7 +139,7 @@ def test_a_csv_answer_that_only_looks_like_json_stays_text(tmp_path):
 
 def test_the_embedded_preference_task_is_deterministic_and_disjoint():
     cfg = DataConfig(name="embedded_preference", source="embedded", layout="preference",
-                     tasks=list(tasks.PREFERENCE_TASKS), train_per_task=20, eval_per_task=5)
+                     tasks=list(embedded_tasks.PREFERENCE_TASKS), train_per_task=20, eval_per_task=5)
     one, two = data_lib.load_task_data(cfg), data_lib.load_task_data(cfg)
     assert one.fingerprint == two.fingerprint and one.kind == "preference"
     assert len(one.train) == 80 and len(one.eval) == 20
@@ -150,7 +150,10 @@ def test_the_embedded_preference_task_is_deterministic_and_disjoint():
 
 
 def test_the_report_and_preview_show_the_prompt_and_both_answers_as_dpo_tokenizes_them(tmp_path, make_cfg):
-    from lora_search import datareport, dpo, models, preview
+    from lora_search.commands import preview
+    from lora_search.data import quality_report
+    from lora_search.models import loaders
+    from lora_search.train import dpo
 
     path = write(tmp_path / "pairs.jsonl", LAYOUTS["strings"] * 3, "jsonl")
     cfg = make_cfg("trainer=dpo", "data=local", f"data.path={path}", "trainer.max_length=40")
@@ -158,13 +161,13 @@ def test_the_report_and_preview_show_the_prompt_and_both_answers_as_dpo_tokenize
     assert "── train pair 1 of" in text
     assert "▶ chosen: ⟦" in text and "▶ rejected: ⟦" in text
     data = data_lib.load_task_data(cfg.data)
-    tok = models.load_tokenizer(cfg.model, cfg.cache_dir)
+    tok = loaders.load_tokenizer(cfg.model, cfg.cache_dir)
     first = data.train[0]
-    chosen, rejected, start = datareport.pair_tokens(first, tok)
+    chosen, rejected, start = quality_report.pair_tokens(first, tok)
     assert tok.decode(chosen[start:]).startswith(first["chosen"][0]["content"])
     assert tok.decode(rejected[start:]).startswith(first["rejected"][0]["content"])
     assert dpo.tokenize_pairs([first], tok)[0]["prompt_ids"] == chosen[:start]
-    report = datareport.add_tokens(data.report, data, tok, 40)
-    assert report["tokens"]["train"]["max"] == max(len(max(datareport.pair_tokens(r, tok)[:2], key=len))
+    report = quality_report.add_tokens(data.report, data, tok, 40)
+    assert report["tokens"]["train"]["max"] == max(len(max(quality_report.pair_tokens(r, tok)[:2], key=len))
                                                    for r in data.train)
-    assert "rows used: " in datareport.render(report)
+    assert "rows used: " in quality_report.render(report)

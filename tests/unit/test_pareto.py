@@ -11,8 +11,12 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from lora_search import pareto, pipeline, promote, samplers, study as study_lib
-from lora_search import trial as space_lib
+from lora_search.commands import pipeline
+from lora_search.config import objectives
+from lora_search.config import space as space_lib
+from lora_search.promote import promotion
+from lora_search.search import samplers
+from lora_search.search import study as study_lib
 
 FAST = ["data.train_per_task=12", "data.eval_per_task=4", "sweep.exact_match_items=4",
         "++sweep.trial={trainer.max_steps: 3, trainer.eval_every: 2, trainer.batch_size: 4, trainer.eval_subset: 4, "
@@ -35,25 +39,25 @@ def test_the_rule_takes_the_smallest_adapter_within_2_percent_of_the_best_loss_a
     front = [_trial(0, 0.500, 4_000_000), _trial(1, 0.505, 1_000_000), _trial(2, 0.509, 250_000),
              _trial(3, 0.530, 100_000)]
     rule = {"metric": "eval_loss", "within": 0.02, "then": {"metric": "trainable_params", "direction": "minimize"}}
-    chosen, lost = pareto.select(front, NAMES, rule, ("eval_loss", "minimize"))
+    chosen, lost = objectives.select(front, NAMES, rule, ("eval_loss", "minimize"))
     assert chosen.number == 2  # 0.509 is 1.8% above 0.500; 0.530 is 6% above
     assert "6.0% above the best 0.5 (#0); the rule allows 2%" in lost[3]
     assert lost[0] == "trainable_params 4,000,000 is higher than #2's 250,000"
     assert lost[1] == "trainable_params 1,000,000 is higher than #2's 250,000"
     assert set(lost) == {0, 1, 3}
-    assert pareto.describe(rule, ("eval_loss", "minimize")) == \
+    assert objectives.describe(rule, ("eval_loss", "minimize")) == \
         "the lowest trainable_params among trials within 2% of the lowest eval_loss"
 
 
 def test_without_a_rule_the_best_first_objective_wins_ties_go_to_the_lower_number_and_maximize_is_honoured():
     front = [_trial(5, 0.4, 10), _trial(2, 0.4, 20), _trial(7, 0.6, 1)]
-    chosen, lost = pareto.select(front, NAMES, None, ("eval_loss", "minimize"))
+    chosen, lost = objectives.select(front, NAMES, None, ("eval_loss", "minimize"))
     assert chosen.number == 2 and "ties #2 on eval_loss" in lost[5]
     acc = [create_trial(values=[v, p]) for v, p in ((0.90, 100), (0.89, 10), (0.70, 1))]
     for i, t in enumerate(acc):
         t.number = i
     rule = {"metric": "exact_match", "within": 0.05, "then": {"metric": "trainable_params"}}
-    chosen, lost = pareto.select(acc, ["exact_match", "trainable_params"], rule, ("exact_match", "maximize"))
+    chosen, lost = objectives.select(acc, ["exact_match", "trainable_params"], rule, ("exact_match", "maximize"))
     assert chosen.number == 1 and "below the best 0.9 (#0)" in lost[2]
 
 
@@ -66,7 +70,7 @@ def test_without_a_rule_the_best_first_objective_wins_ties_go_to_the_lower_numbe
     ({"metric": "eval_loss", "within": 0.02}, "within keeps the trials near the best eval_loss for a next rule"),
 ])
 def test_a_rule_naming_what_the_study_did_not_optimize_is_refused(rule, expected):
-    problems = pareto.check_rule(rule, NAMES, "sweep.promotion.select")
+    problems = objectives.check_rule(rule, NAMES, "sweep.promotion.select")
     assert len(problems) == 1 and expected in problems[0], problems
 
 
@@ -106,7 +110,7 @@ def test_a_two_objective_sweep_keeps_a_front_promotes_by_the_rule_and_reports_it
                       "among trials within 2% of the lowest eval_loss")
     report = (study_lib.study_dir(cfg) / "report.md").read_text()
     assert "## Pareto front" in report and f"Promoted: #{expected}" in report
-    assert (study_lib.study_dir(cfg) / "plots" / "pareto.png").stat().st_size > 1000
+    assert (study_lib.study_dir(cfg) / "plots" / "objectives.png").stat().st_size > 1000
     full = json.loads((study_lib.study_dir(cfg) / "full" / "metrics.json").read_text())
     assert full["trial"] == expected and full["trial_value"] == pytest.approx(study.trials[expected].values[0])
 
@@ -135,7 +139,7 @@ def test_the_dashboard_api_serves_the_pareto_front(make_cfg):
 
 
 def test_a_study_created_for_other_objectives_is_not_resumed_with_these(make_cfg):
-    from lora_search.errors import ConfigError
+    from lora_search.core.errors import ConfigError
 
     study_lib.open_study(make_cfg("sweep.name=s", "sweep.objectives=[eval_loss,trainable_params]"))
     with pytest.raises(ConfigError, match="was created to minimize eval_loss, minimize trainable_params, but this "
@@ -179,7 +183,7 @@ def test_after_startup_tpe_constant_liar_keeps_simultaneous_workers_apart(make_c
 
 
 def test_spawned_workers_get_their_own_index(monkeypatch, tmp_path):
-    from lora_search import launch
+    from lora_search.scale import workers
 
     started = []
 
@@ -189,8 +193,8 @@ def test_spawned_workers_get_their_own_index(monkeypatch, tmp_path):
         def __init__(self, cmd, **kw):
             started.append(cmd)
 
-    monkeypatch.setattr(launch.subprocess, "Popen", Fake)
-    launch.spawn(["sweep=rank_lr", "worker=0"], 4, tmp_path)
+    monkeypatch.setattr(workers.subprocess, "Popen", Fake)
+    workers.spawn(["sweep=rank_lr", "worker=0"], 4, tmp_path)
     assert [[a for a in cmd if a.startswith("worker=")] for cmd in started] == [["worker=1"], ["worker=2"], ["worker=3"]]
 
 
@@ -210,7 +214,7 @@ def test_the_gp_and_nsgaii_samplers_run_a_sweep(make_cfg, sampler):
 def test_promote_reads_the_primary_objective_of_a_multi_objective_trial(make_cfg):
     cfg = make_cfg("sweep=rank_lr_pareto")
     t = create_trial(values=[0.3, 1000.0])
-    assert promote.primary_value(cfg, t) == 0.3
+    assert promotion.primary_value(cfg, t) == 0.3
 
 
 @pytest.mark.parametrize("overrides, expected", [
@@ -220,7 +224,7 @@ def test_promote_reads_the_primary_objective_of_a_multi_objective_trial(make_cfg
     (["sweep.memory_budget_mb=-5"], "sweep.memory_budget_mb must be a positive number of MB, auto"),
 ])
 def test_objective_and_budget_settings_that_cannot_work_are_refused(make_cfg, overrides, expected):
-    from lora_search.errors import ConfigError
+    from lora_search.core.errors import ConfigError
 
     with pytest.raises(ConfigError) as info:
         study_lib.check_sweep(make_cfg(*overrides))

@@ -10,7 +10,9 @@ import re
 import optuna
 import pytest
 
-from lora_search import pipeline, report, runs, study as study_lib
+from lora_search.commands import pipeline, train_stage
+from lora_search.report import markdown
+from lora_search.search import study as study_lib
 
 SMALL = ["data.train_per_task=24", "data.eval_per_task=6", "++sweep.trial={trainer.max_steps: 8, trainer.eval_every: 4, "
          "trainer.batch_size: 4, trainer.exact_match_items: 0, trainer.max_new_tokens: 4}"]
@@ -39,7 +41,7 @@ def test_finished_stages_are_skipped_unless_named_or_forced_and_the_sweep_ends_w
     progress = [r.getMessage() for r in caplog.records if re.match(r"trial \d+/2 (COMPLETE|PRUNED)", r.getMessage())]
     assert len(progress) == 2, progress  # each trial shown as it finishes
     printed = capsys.readouterr().out
-    header = report.table(*report.trial_rows(study_lib.open_study(cfg), cfg.sweep.metric)).splitlines()[0]
+    header = markdown.table(*markdown.trial_rows(study_lib.open_study(cfg), cfg.sweep.metric)).splitlines()[0]
     assert header.startswith("| # | state |") and header in printed  # the trial table
     assert printed.rstrip().splitlines()[-1] == f"report: {out / 'report.md'}"  # and last, the report's path
 
@@ -49,7 +51,7 @@ def test_finished_stages_are_skipped_unless_named_or_forced_and_the_sweep_ends_w
         return {name: path.stat().st_mtime_ns for name, path in files.items()}
 
     first = stamps()
-    monkeypatch.setattr(runs, "start_worker", lambda *a, **k: pytest.fail("stage=all loaded a model again"))
+    monkeypatch.setattr(train_stage, "start_worker", lambda *a, **k: pytest.fail("stage=all loaded a model again"))
     assert pipeline.run(cfg) == 0  # the same command: every stage finished, nothing redone
     assert stamps() == first
     monkeypatch.undo()

@@ -7,8 +7,10 @@ import json
 
 import pytest
 
-from lora_search import datareport, models, preview
-from lora_search.errors import ConfigError, DataError
+from lora_search.commands import preview
+from lora_search.core.errors import ConfigError, DataError
+from lora_search.data import quality_report
+from lora_search.models import loaders
 
 
 def write_jsonl(path, rows):
@@ -24,7 +26,7 @@ def no_weights(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("preview loaded model weights")
 
-    monkeypatch.setattr(models, "load_base", refuse)
+    monkeypatch.setattr(loaders, "load_base", refuse)
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
 
 
@@ -69,19 +71,19 @@ def test_preview_token_ids_and_trained_part_match_what_sfttrainer_builds(make_cf
     from transformers import AutoModelForCausalLM
     from trl import SFTTrainer
 
-    from lora_search.data import load_task_data
-    from lora_search.train import sft_config
+    from lora_search.data.load import load_task_data
+    from lora_search.train.run import sft_config
 
     cfg = make_cfg("data.train_per_task=3", "data.eval_per_task=1", f"data.format={fmt}", "trainer.max_length=512")
     data = load_task_data(cfg.data)
-    tokenizer = models.load_tokenizer(cfg.model, cfg.cache_dir)
-    model = AutoModelForCausalLM.from_config(models._tiny_config(cfg.model, len(tokenizer)))
+    tokenizer = loaders.load_tokenizer(cfg.model, cfg.cache_dir)
+    model = AutoModelForCausalLM.from_config(loaders._tiny_config(cfg.model, len(tokenizer)))
     trainer = SFTTrainer(model=model, args=sft_config(cfg, tmp_path, []), train_dataset=data.train,
                          eval_dataset=data.eval, processing_class=tokenizer)
     for rows, tokenized in ((data.train, trainer.train_dataset), (data.eval, trainer.eval_dataset)):
         assert len(tokenized) == len(rows)
         for row, done in zip(rows, tokenized):
-            ids, start = datareport.row_tokens(row, tokenizer)
+            ids, start = quality_report.row_tokens(row, tokenizer)
             assert ids == done["input_ids"]
             assert [i for i, label in enumerate(done["labels"]) if label != -100] == list(range(start, len(ids)))
             assert 0 < start < len(ids)

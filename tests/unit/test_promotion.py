@@ -8,8 +8,12 @@ import json
 import optuna
 import pytest
 
-from lora_search import pipeline, promote, records, report, study as study_lib
-from lora_search.errors import ConfigError
+from lora_search.commands import pipeline
+from lora_search.core import records
+from lora_search.core.errors import ConfigError
+from lora_search.promote import promotion
+from lora_search.report import markdown
+from lora_search.search import study as study_lib
 
 SMALL = ["data.train_per_task=24", "data.eval_per_task=6", "sweep.pruner=none", "tracking=none",
          "++sweep.trial={trainer.max_steps: 6, trainer.eval_every: 3, trainer.batch_size: 4, "
@@ -48,26 +52,26 @@ def test_top_k_trains_the_best_trials_with_several_seeds_and_promotes_the_best_m
     # full/adapter is the winner's first-seed run, byte for byte
     source = out / "full" / "runs" / f"trial-{winner['trial']:04d}-seed0" / "adapter" / "adapter_model.safetensors"
     assert (out / "full" / "adapter" / "adapter_model.safetensors").read_bytes() == source.read_bytes()
-    assert full["config_id"] == promote.config_id(promote.load_best(out))
+    assert full["config_id"] == promotion.config_id(promotion.load_best(out))
     # what the adapter learned, recorded with the promoted run
     analysis = json.loads((out / "full" / "weights.json").read_text())
     assert analysis["entries"] and (out / "plots" / "weights_effective_rank.png").is_file()
     # the best trial recorded its eval rows' losses, so the report states the eval noise around its score
     assert ranked[0].user_attrs["eval_loss_rows"] == 24 and ranked[0].user_attrs["eval_loss_se"] > 0
-    md = report.write_report(study, cfg, out).read_text()
+    md = markdown.write_report(study, cfg, out).read_text()
     assert f"**Eval noise.** The best trial's eval loss is {ranked[0].value:.4g}, 95% interval" in md
     assert "from its 24 eval rows' losses" in md and "## What the adapter learned" in md
     assert "The 2 best trials were re-trained at the full budget" in md and "(mean)" in md
 
 
 def _fake_runs(monkeypatch, full_values: dict):
-    """promote._run replaced: trial number -> its full-run value, an empty adapter folder."""
+    """promotion._run replaced: trial number -> its full-run value, an empty adapter folder."""
     def fake(cfg, trial, seed, folder, get_worker, force, study_folder):
         (folder / "adapter").mkdir(parents=True, exist_ok=True)
         (folder / "adapter" / "adapter_model.safetensors").write_bytes(f"trial {trial.number}".encode())
         return {"full_value": full_values[trial.number] + 0.01 * seed, "steps": 40, "trial": trial.number,
                 "trial_value": trial.value, "seed": seed}
-    monkeypatch.setattr(promote, "_run", fake)
+    monkeypatch.setattr(promotion, "_run", fake)
 
 
 def _study(tmp_path, values):
@@ -89,27 +93,27 @@ def test_a_runner_up_whose_full_run_wins_is_promoted_and_misleading_short_trials
     # full runs in the reverse order of the trials: the short trials mislead
     _fake_runs(monkeypatch, {0: 0.9, 1: 0.8, 2: 0.7, 3: 0.6})
     out = study_lib.study_dir(cfg)
-    metrics = promote.promote_stage(cfg, study, lambda c: None)
+    metrics = promotion.promote_stage(cfg, study, lambda c: None)
     promo = metrics["promotion"]
     assert [c["trial"] for c in promo["candidates"]] == [0, 1, 2]  # top_k defaults to 3; #3 is not a candidate
     assert promo["chosen"] == 2 and promo["best_trial"] == 0 and metrics["trial"] == 2
     assert promo["spearman"] == pytest.approx(-1.0) and "short trials mislead here" in promo["warning"]
     assert (out / "full" / "adapter" / "adapter_model.safetensors").read_bytes() == b"trial 2"
     assert "promoted: trial #2, the best full run of the 3 best trials" in (out / "best.yaml").read_text()
-    md = report.write_report(study, cfg, out).read_text()
+    md = markdown.write_report(study, cfg, out).read_text()
     assert "## Promoted trial: #2" in md and "the best short trial was #0, but its full run lost" in md
     assert "Spearman's rank correlation between trial and full-run scores over these 3 configurations: -1.00" in md
     assert "**Warning: short trials mislead here" in md
 
     # the same promotion again: everything is on disk, nothing is trained or rewritten
     stamp = (out / "full" / "metrics.json").stat().st_mtime_ns
-    monkeypatch.setattr(promote, "_run", lambda *a, **k: pytest.fail("a finished promotion trained again"))
-    assert promote.promote_stage(cfg, study, lambda c: None)["trial"] == 2
+    monkeypatch.setattr(promotion, "_run", lambda *a, **k: pytest.fail("a finished promotion trained again"))
+    assert promotion.promote_stage(cfg, study, lambda c: None)["trial"] == 2
     assert (out / "full" / "metrics.json").stat().st_mtime_ns == stamp
 
     # agreeing full runs: no warning
     _fake_runs(monkeypatch, {0: 0.6, 1: 0.7, 2: 0.8, 3: 0.9})
-    metrics = promote.promote_stage(cfg, study, lambda c: None, force=True)
+    metrics = promotion.promote_stage(cfg, study, lambda c: None, force=True)
     assert metrics["promotion"]["spearman"] == pytest.approx(1.0) and metrics["promotion"]["warning"] is None
     assert metrics["trial"] == 0
 
@@ -119,14 +123,14 @@ def test_duplicate_configurations_are_trained_once_and_top_k_one_trains_only_the
     trials = study.get_trials()
     trials[1].params.update(trials[0].params)  # #1 repeats #0's configuration
     trials[1].user_attrs["params"] = dict(trials[0].params)
-    got = promote.candidates(make_cfg(), study, trials[0], pool=trials)
+    got = promotion.candidates(make_cfg(), study, trials[0], pool=trials)
     assert [t.number for t in got] == [0, 2]
-    assert [t.number for t in promote.candidates(make_cfg("++sweep.promotion.top_k=1"), study, trials[0])] == [0]
+    assert [t.number for t in promotion.candidates(make_cfg("++sweep.promotion.top_k=1"), study, trials[0])] == [0]
 
 
 @pytest.mark.parametrize("entry", ["top_k: 0", "seeds: -1", "top_k: 2.5", "seeds: true"])
 def test_bad_top_k_or_seeds_are_refused_naming_the_key(make_cfg, entry):
-    from lora_search.sweepcheck import check_sweep
+    from lora_search.checks.sweep import check_sweep
 
     cfg = make_cfg(f"++sweep.promotion={{{entry}}}")
     with pytest.raises(ConfigError, match=rf"sweep\.promotion\.{entry.split(':')[0]} must be a positive integer"):

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import yaml
 
-from lora_search import adapters, launch, models, records
-from lora_search.schema import LoraSpec
+from lora_search.config.schema import LoraSpec
+from lora_search.core import records
+from lora_search.models import adapters, loaders
+from lora_search.scale import workers
 
 
 def test_alpha_ratio_sets_alpha_to_ratio_times_rank(make_cfg):
@@ -23,18 +25,18 @@ def test_workers_get_one_gpu_each_and_otherwise_share_the_cores(monkeypatch):
     """README: `sweep.workers=N` runs N workers (one per GPU where there are GPUs)."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(launch, "_visible_gpus", lambda: ["0", "1"])
-    assert [launch.worker_env(i, 2)["CUDA_VISIBLE_DEVICES"] for i in range(2)] == ["0", "1"]
-    assert [launch.worker_env(i, 3)["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["0", "1", "0"]  # more workers: shared
-    assert "OMP_NUM_THREADS" not in launch.worker_env(1, 2)  # a GPU worker's cores are not split
+    monkeypatch.setattr(workers, "_visible_gpus", lambda: ["0", "1"])
+    assert [workers.worker_env(i, 2)["CUDA_VISIBLE_DEVICES"] for i in range(2)] == ["0", "1"]
+    assert [workers.worker_env(i, 3)["CUDA_VISIBLE_DEVICES"] for i in range(3)] == ["0", "1", "0"]  # more workers: shared
+    assert "OMP_NUM_THREADS" not in workers.worker_env(1, 2)  # a GPU worker's cores are not split
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    monkeypatch.setattr(launch, "_visible_gpus", lambda: [])
-    monkeypatch.setattr(launch.os, "cpu_count", lambda: 8)
-    envs = [launch.worker_env(i, 4) for i in range(4)]
+    monkeypatch.setattr(workers, "_visible_gpus", lambda: [])
+    monkeypatch.setattr(workers.os, "cpu_count", lambda: 8)
+    envs = [workers.worker_env(i, 4) for i in range(4)]
     assert [e["OMP_NUM_THREADS"] for e in envs] == ["2"] * 4
     assert all("CUDA_VISIBLE_DEVICES" not in e for e in envs)
-    assert launch.worker_env(0, 16)["OMP_NUM_THREADS"] == "1"  # never 0 threads
+    assert workers.worker_env(0, 16)["OMP_NUM_THREADS"] == "1"  # never 0 threads
 
 
 def test_a_secret_named_key_is_masked_in_the_config_records(make_cfg, tmp_path):
@@ -55,12 +57,12 @@ def test_lora_search_cache_moves_the_model_cache(make_cfg, monkeypatch, tmp_path
     move it)."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.delenv("LORA_SEARCH_CACHE", raising=False)
-    assert models.cache_root(None) == tmp_path / "home" / ".cache" / "lora_search"
+    assert loaders.cache_root(None) == tmp_path / "home" / ".cache" / "lora_search"
     monkeypatch.setenv("LORA_SEARCH_CACHE", str(tmp_path / "moved"))
-    assert models.cache_root(None) == tmp_path / "moved"
-    assert models.cache_root(str(tmp_path / "given")) == tmp_path / "given"  # cache_dir= wins over the variable
+    assert loaders.cache_root(None) == tmp_path / "moved"
+    assert loaders.cache_root(str(tmp_path / "given")) == tmp_path / "given"  # cache_dir= wins over the variable
 
     cfg = make_cfg()
-    folder = Path(models.local_copy(cfg.model, None))  # as with cache_dir unset
+    folder = Path(loaders.local_copy(cfg.model, None))  # as with cache_dir unset
     assert folder.parent == tmp_path / "moved" / "models" and (folder / "config.json").exists()
     assert not (tmp_path / "home").exists()

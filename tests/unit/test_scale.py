@@ -15,8 +15,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from lora_search import claims, progress, storage
-from lora_search.errors import ConfigError
+from lora_search.core.errors import ConfigError
+from lora_search.scale import promotion_claim, storage
+from lora_search.search import progress
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -151,29 +152,29 @@ def test_the_promotion_is_claimed_once_and_taken_over_from_a_dead_or_failed_clai
     cfg = make_cfg()
     study = _study(tmp_path, "rank_lr")
     study.tell(study.ask(), 1.0)
-    first = claims.take(study, cfg, "/results/a")
-    second = claims.take(study, cfg, "/results/b")
+    first = promotion_claim.take(study, cfg, "/results/a")
+    second = promotion_claim.take(study, cfg, "/results/b")
     assert first.mine and not second.mine and second.attrs["who"] == f"{socket.gethostname()}:{os.getpid()}"
     assert second.attrs["results_dir"] == "/results/a" and first.name == "rank_lr:promotion@1"
 
     # the claimer died (a pid that is gone on this machine): the next process takes it over under the next name
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    claims._set(study._storage, first.name, pid=int(dead.stdout))
-    third = claims.take(study, cfg, "/results/c")
+    promotion_claim._set(study._storage, first.name, pid=int(dead.stdout))
+    third = promotion_claim.take(study, cfg, "/results/c")
     assert third.mine and third.name == "rank_lr:promotion@1#2"
 
     # a claim that failed is taken over too; one that is done is not
     with pytest.raises(RuntimeError):
-        with claims.holding(study, third, 60):
+        with promotion_claim.holding(study, third, 60):
             raise RuntimeError("merge failed")
-    fourth = claims.take(study, cfg, "/results/d")
+    fourth = promotion_claim.take(study, cfg, "/results/d")
     assert fourth.mine and fourth.name == "rank_lr:promotion@1#3"
-    with claims.holding(study, fourth, 60):
+    with promotion_claim.holding(study, fourth, 60):
         pass
-    assert not claims.take(study, cfg, "/results/e").mine
+    assert not promotion_claim.take(study, cfg, "/results/e").mine
 
     study.tell(study.ask(), 0.5)  # more trials (n_trials raised): a new promotion to claim
-    assert claims.take(study, cfg, "/results/f").mine
+    assert promotion_claim.take(study, cfg, "/results/f").mine
 
 
 @pytest.mark.slow  # 6 spawned interpreters per storage
@@ -198,14 +199,14 @@ def test_claims_race_across_processes_through_every_storage(tmp_path):
 
 
 def _claim_in_a_worker(url, name, barrier, results) -> None:
-    from lora_search import claims, storage
-    from lora_search.compose import load_config
+    from lora_search.config.compose import load_config
+    from lora_search.scale import promotion_claim, storage
 
     cfg = load_config(["model=tiny_llama", "tracking=none"])
     study = optuna.load_study(study_name=name, storage=storage.open_url(url))
     barrier.wait(timeout=60)
     try:
-        results.put("won" if claims.take(study, cfg, "/r").mine else "lost")
+        results.put("won" if promotion_claim.take(study, cfg, "/r").mine else "lost")
     except Exception as e:  # noqa: BLE001 - the outcome is what the test compares
         results.put(f"{type(e).__name__}: {e}"[:200])
 
@@ -292,10 +293,10 @@ def test_a_claim_held_on_another_machine_is_waited_for_then_taken_over_when_its_
     cfg = make_cfg("sweep.heartbeat_s=1")
     study = _study(tmp_path, "rank_lr")
     study.tell(study.ask(), 1.0)
-    held = claims.take(study, cfg, "/results/a")
-    claims._set(study._storage, held.name, host="gpu-node-3", who="gpu-node-3:77", heartbeat=time.time())
+    held = promotion_claim.take(study, cfg, "/results/a")
+    promotion_claim._set(study._storage, held.name, host="gpu-node-3", who="gpu-node-3:77", heartbeat=time.time())
     t0 = time.monotonic()
-    after = claims.take(study, cfg, "/results/b", poll_s=0.2)  # a replacement pod: waits, then takes it over
+    after = promotion_claim.take(study, cfg, "/results/b", poll_s=0.2)  # a replacement pod: waits, then takes it over
     assert after.mine and after.name == "rank_lr:promotion@1#2" and time.monotonic() - t0 >= 2.5  # 3 x heartbeat_s
 
 

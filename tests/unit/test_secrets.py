@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 
-from lora_search import records, secrets, storage, study as study_lib
-from lora_search.errors import ConfigError
+from lora_search.core import masking, records
+from lora_search.core.errors import ConfigError
+from lora_search.scale import storage
+from lora_search.search import study as study_lib
 
 REPO = Path(__file__).resolve().parents[2]
 PG_URL = os.environ.get("LORA_SEARCH_TEST_PG")
@@ -31,19 +33,19 @@ def _free_port() -> int:
 @pytest.fixture(autouse=True)
 def _no_storage_env(monkeypatch):
     """scrub_argv sets $LORA_SEARCH_STORAGE in this process: each test starts and ends without it."""
-    monkeypatch.delenv(secrets.STORAGE_ENV, raising=False)
-    secrets._known.clear()
+    monkeypatch.delenv(masking.STORAGE_ENV, raising=False)
+    masking._known.clear()
     yield
-    secrets._known.clear()
+    masking._known.clear()
 
 
 def test_a_url_password_is_masked_through_sqlalchemys_rendering():
     url = "postgresql+psycopg://lora:hunter2x@db.example:5432/studies"
-    assert secrets.mask_url(url) == make_url(url).render_as_string(hide_password=True)
-    assert secrets.mask_url(url) == "postgresql+psycopg://lora:***@db.example:5432/studies"
-    assert secrets.mask_url("sqlite:////tmp/study.db") == "sqlite:////tmp/study.db"
-    assert secrets.mask_url("sqlite:////tmp/s.db?password=hunter2x") == "sqlite:////tmp/s.db?password=***"
-    assert records.redact is secrets.mask
+    assert masking.mask_url(url) == make_url(url).render_as_string(hide_password=True)
+    assert masking.mask_url(url) == "postgresql+psycopg://lora:***@db.example:5432/studies"
+    assert masking.mask_url("sqlite:////tmp/study.db") == "sqlite:////tmp/study.db"
+    assert masking.mask_url("sqlite:////tmp/s.db?password=hunter2x") == "sqlite:////tmp/s.db?password=***"
+    assert records.redact is masking.mask
 
 
 def test_text_is_masked_for_urls_password_pairs_and_secret_env_values(monkeypatch):
@@ -52,39 +54,39 @@ def test_text_is_masked_for_urls_password_pairs_and_secret_env_values(monkeypatc
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "falsehood")  # not a secret, though its name holds TOKEN
     text = ('connection to "postgresql+psycopg://u:pw1@127.0.0.1:9/db": failed (host=db password=pw1 '
             'dbname=x), token hf_tokenvalue123, key apikeyvalue456, falsehood; see sqlite:////tmp/a.db.')
-    masked = secrets.mask(text)
+    masked = masking.mask(text)
     assert masked == ('connection to "postgresql+psycopg://u:***@127.0.0.1:9/db": failed (host=db password=*** '
                       'dbname=x), token ***, key ***, falsehood; see sqlite:////tmp/a.db.')
-    assert secrets.mask("lora.r=8 trainer.max_new_tokens: 32") == "lora.r=8 trainer.max_new_tokens: 32"
+    assert masking.mask("lora.r=8 trainer.max_new_tokens: 32") == "lora.r=8 trainer.max_new_tokens: 32"
 
 
 def test_a_storage_password_met_once_is_masked_alone_afterwards(make_cfg):
     cfg = make_cfg("sweep.storage='postgresql+psycopg://u:Sup3rSecret@127.0.0.1/db'")
     storage.storage_url(cfg)
-    assert secrets.mask("FATAL: bad password Sup3rSecret") == "FATAL: bad password ***"
+    assert masking.mask("FATAL: bad password Sup3rSecret") == "FATAL: bad password ***"
 
 
 def test_the_command_line_storage_password_moves_to_the_environment(make_cfg):
     url = "postgresql+psycopg://lora:hunter2x@db.example:5432/studies?sslmode=require"
-    argv = secrets.scrub_argv(["model=tiny_llama", f"sweep.storage={url}", "lora.r=8"])
+    argv = masking.scrub_argv(["model=tiny_llama", f"sweep.storage={url}", "lora.r=8"])
     assert argv == ["model=tiny_llama", "sweep.storage='postgresql+psycopg://lora:***@db.example:5432/studies"
                     "?sslmode=require'", "lora.r=8"]
-    assert os.environ[secrets.STORAGE_ENV] == url
+    assert os.environ[masking.STORAGE_ENV] == url
     cfg = make_cfg(argv[1])  # Hydra parses the masked override; the study opens the real URL
-    assert cfg.sweep.storage == secrets.mask_url(url) and study_lib.storage_url(cfg) == url
+    assert cfg.sweep.storage == masking.mask_url(url) and study_lib.storage_url(cfg) == url
 
 
 def test_a_url_password_elsewhere_on_the_command_line_is_refused():
     with pytest.raises(ConfigError) as info:
-        secrets.scrub_argv(["data.path=https://user:hunter2x@example.org/train.jsonl"])
+        masking.scrub_argv(["data.path=https://user:hunter2x@example.org/train.jsonl"])
     assert info.value.problems == ["data.path: a password inside a URL is accepted only in sweep.storage (or "
                                    "$LORA_SEARCH_STORAGE); got 'https://user:***@example.org/train.jsonl'"]
 
 
 def test_the_storage_url_can_come_from_the_environment_alone(make_cfg, monkeypatch):
-    monkeypatch.setenv(secrets.STORAGE_ENV, "postgresql+psycopg://u:hunter2x@db/x")
+    monkeypatch.setenv(masking.STORAGE_ENV, "postgresql+psycopg://u:hunter2x@db/x")
     assert study_lib.storage_url(make_cfg()) == "postgresql+psycopg://u:hunter2x@db/x"
-    monkeypatch.delenv(secrets.STORAGE_ENV)
+    monkeypatch.delenv(masking.STORAGE_ENV)
     assert study_lib.storage_url(make_cfg()).endswith("/rank_lr/study.db")
     with pytest.raises(ConfigError, match=r"has its password masked, and \$LORA_SEARCH_STORAGE does not hold"):
         study_lib.storage_url(make_cfg("sweep.storage='postgresql+psycopg://u:***@db/x'"))
@@ -109,7 +111,7 @@ def test_a_password_from_a_file_is_refused_before_hydra_writes_it(make_cfg):
 def test_a_storage_that_cannot_be_opened_is_one_masked_line(url, expected, make_cfg, monkeypatch):
     port, pw = _free_port(), f"pw{uuid.uuid4().hex[:10]}"
     url, expected = url.format(pw=pw, port=port), expected.format(port=port)
-    monkeypatch.setenv(secrets.STORAGE_ENV, url)  # as main() leaves it after scrub_argv
+    monkeypatch.setenv(masking.STORAGE_ENV, url)  # as main() leaves it after scrub_argv
     cfg = make_cfg()
     with pytest.raises(ConfigError) as info:
         study_lib.check_storage(cfg)
@@ -129,7 +131,7 @@ def test_checking_the_default_storage_creates_nothing(make_cfg, tmp_path):
 
 def test_log_records_are_masked_message_and_traceback(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_tokenvalue123")
-    factory = secrets._masking_factory(logging.LogRecord)
+    factory = masking._masking_factory(logging.LogRecord)
     try:
         raise RuntimeError("cannot reach postgresql://u:pw9@h/db with hf_tokenvalue123")
     except RuntimeError:
@@ -143,7 +145,7 @@ def test_streams_are_masked():
     import io
 
     out = io.StringIO()
-    stream = secrets._MaskedStream(out)
+    stream = masking._MaskedStream(out)
     stream.write("url postgresql://u:pw9@h/db\n")
     assert out.getvalue() == "url postgresql://u:***@h/db\n" and stream.getvalue() == out.getvalue()
 
@@ -174,7 +176,7 @@ def test_a_run_writes_and_prints_no_secret(tmp_path, tiny_cache):
         needles = [pw]
     needles += [hf_token, wandb_key]
     env = {**os.environ, "HF_TOKEN": hf_token, "WANDB_API_KEY": wandb_key, "HF_HUB_OFFLINE": "1"}
-    env.pop(secrets.STORAGE_ENV, None)
+    env.pop(masking.STORAGE_ENV, None)
     results = tmp_path / "results"
     args = ["model=tiny_llama", f"cache_dir={tiny_cache}", f"results_dir={results}", "stage=search",
             f"sweep.name=secrets_{uuid.uuid4().hex[:8]}", "sweep.n_trials=2", "tracking=wandb", "tracking.mode=offline",

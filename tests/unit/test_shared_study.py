@@ -12,7 +12,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from lora_search import study as study_lib
+from lora_search.search import study as study_lib
 from tests.conftest import TINY_FAST
 
 pytestmark = pytest.mark.slow  # worker subprocesses: minutes on 2 cores
@@ -54,7 +54,7 @@ def test_a_dead_workers_trial_is_failed_and_retried(make_cfg):
     dead = study.ask()  # a worker took a trial...
     study._storage.record_heartbeat(dead._trial_id)  # ...sent one heartbeat, and died
     time.sleep(2.5)  # past the grace period (2 heartbeats)
-    from lora_search import pipeline
+    from lora_search.commands import pipeline
 
     pipeline.run(cfg)
     trials = study_lib.open_study(cfg).trials
@@ -82,8 +82,8 @@ def test_workers_opening_one_new_sqlite_study_at_once_all_succeed(tmp_path):
 
 
 def _open_study_in_a_worker(url: str, barrier, results) -> None:
-    from lora_search import storage
-    from lora_search.compose import load_config
+    from lora_search.config.compose import load_config
+    from lora_search.scale import storage
 
     cfg = load_config(["model=tiny_llama", "tracking=none", f"sweep.storage={url}"])
     barrier.wait(timeout=60)  # all at once, as launched workers are
@@ -106,7 +106,7 @@ def test_four_workers_through_the_grpc_proxy(tmp_path, tiny_cache, make_cfg):
     """README (Storages by scale): `python -m lora_search storage-proxy` in front of one database (PostgreSQL when CI
     starts one, else SQLite) and 4 workers with sweep.storage=grpc://host:port; exactly n_trials finish."""
     pytest.importorskip("grpc")
-    from lora_search import storage as storage_lib
+    from lora_search.scale import storage as storage_lib
 
     port, behind = _free_port(), PG_URL or f"sqlite:///{tmp_path / 'behind.db'}"
     proxy = subprocess.Popen([sys.executable, "-m", "lora_search", "storage-proxy", "--storage", behind, "--port",

@@ -16,7 +16,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from lora_search import guard, launch
+from lora_search.scale import workers
+from lora_search.search import failures
 
 REPO = Path(__file__).resolve().parents[2]
 N_TRIALS = 2
@@ -114,11 +115,11 @@ def test_after_sigkill_the_next_run_fails_the_dead_workers_trial_and_finishes(tm
 
 def test_signals_raise_interrupted_in_the_main_thread_and_handlers_are_restored():
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(guard.Interrupted) as info:
-        with guard.signals_handled():
+    with pytest.raises(failures.Interrupted) as info:
+        with failures.signals_handled():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # interrupted long before this ends
-    assert info.value.signum == signal.SIGTERM and guard.exit_code(info.value) == 143
+    assert info.value.signum == signal.SIGTERM and failures.exit_code(info.value) == 143
     assert signal.getsignal(signal.SIGTERM) is before
 
 
@@ -128,7 +129,7 @@ def test_stop_forwards_the_signal_then_kills_a_worker_that_ignores_it(tmp_path):
                                  "signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"], stdout=subprocess.PIPE)
     assert stubborn.stdout.readline().strip() == b"ready"
     started = time.monotonic()
-    assert launch.stop([polite, stubborn], signal.SIGTERM, grace_s=1.0) == [-signal.SIGTERM, -signal.SIGKILL]
+    assert workers.stop([polite, stubborn], signal.SIGTERM, grace_s=1.0) == [-signal.SIGTERM, -signal.SIGKILL]
     assert time.monotonic() - started < 10
 
 
@@ -141,9 +142,9 @@ def test_an_interrupted_search_forwards_the_signal_to_the_workers_it_started(tmp
                               stdout=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert worker.stdout.readline().strip() == b"ready"
-        with pytest.raises(guard.Interrupted):
-            with guard.stopping(study, tmp_path, [worker]):
-                raise guard.Interrupted(signal.SIGINT)
+        with pytest.raises(failures.Interrupted):
+            with failures.stopping(study, tmp_path, [worker]):
+                raise failures.Interrupted(signal.SIGINT)
         assert worker.wait(timeout=10) == -signal.SIGINT
     finally:
         if worker.poll() is None:

@@ -42,7 +42,7 @@ def launcher_config(tmp_path, *overrides):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from lora_search import compose as lora_compose
+    from lora_search.config import compose as lora_compose
 
     lora_compose.register()
     GlobalHydra.instance().clear()
@@ -202,8 +202,8 @@ def test_multirun_through_the_cli_submits_one_array_per_sweep(tmp_path, fake_slu
 
 
 def test_sweep_workers_becomes_the_array_and_sqlite_is_refused_on_a_cluster():
-    from lora_search.compose import launcher_jobs
-    from lora_search.errors import ConfigError
+    from lora_search.config.compose import launcher_jobs
+    from lora_search.core.errors import ConfigError
 
     pg = "sweep.storage=postgresql+psycopg://u@db/x"
     assert launcher_jobs(["-m", "hydra/launcher=slurm", "sweep.workers=8", pg]) == \

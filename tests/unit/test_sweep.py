@@ -8,9 +8,11 @@ import math
 import optuna
 import pytest
 
-from lora_search import pipeline, runs, study as study_lib, trial as space_lib
-from lora_search.errors import ConfigError
-from lora_search.pruning import PruningCallback, TrialStopped, decision_steps
+from lora_search.commands import pipeline, train_stage
+from lora_search.config import space as space_lib
+from lora_search.core.errors import ConfigError
+from lora_search.search import study as study_lib
+from lora_search.train.pruning import PruningCallback, TrialStopped, decision_steps
 
 # ++sweep.trial={...} replaces the sweep file's whole trial block (a mapping on the command line is taken as given)
 SMALL = ["data.train_per_task=24", "data.eval_per_task=6", "++sweep.trial={trainer.max_steps: 8, trainer.eval_every: 2, "
@@ -59,7 +61,7 @@ def test_suggest_samples_every_distribution_type():
     ],
 )
 def test_bad_sweep_fails_before_any_training(make_cfg, monkeypatch, override, expected):
-    monkeypatch.setattr(runs, "start_worker", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(train_stage, "start_worker", lambda *a, **k: pytest.fail("a model was loaded"))
     cfg = make_cfg(override, "stage=search")
     with pytest.raises(ConfigError) as info:
         pipeline.run(cfg)
@@ -74,7 +76,7 @@ def test_every_pruner_and_sampler_builds(make_cfg):
 
 
 def test_shipped_sweeps_are_valid(make_cfg):
-    from lora_search.compose import group_choices
+    from lora_search.config.compose import group_choices
 
     assert {"rank_lr", "targets", "lr_only"} <= set(group_choices("sweep"))
     for name in group_choices("sweep"):
@@ -160,7 +162,7 @@ def test_resume_keeps_finished_trials_and_does_not_train_again(make_cfg, monkeyp
     cfg = make_cfg(*SMALL, "stage=search", "sweep.n_trials=2")
     pipeline.run(cfg)
     assert len(study_lib.finished(study_lib.open_study(cfg))) == 2
-    monkeypatch.setattr(runs, "start_worker", lambda *a, **k: pytest.fail("a finished sweep loaded a model"))
+    monkeypatch.setattr(train_stage, "start_worker", lambda *a, **k: pytest.fail("a finished sweep loaded a model"))
     pipeline.run(cfg)  # same command again: nothing to do
     assert len(study_lib.open_study(cfg).trials) == 2
     monkeypatch.undo()
@@ -199,7 +201,8 @@ def test_the_worker_tokenizes_before_the_first_trial_and_no_trial_tokenizes(make
 @pytest.mark.slow  # search, promotion, merge and benchmark in one go
 def test_full_pipeline_promotes_merges_benchmarks_and_reports(make_cfg, caplog, wandb_runs):
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, pipeline as hf_pipeline
+    from transformers import AutoModelForCausalLM
+    from transformers import pipeline as hf_pipeline
 
     cfg = make_cfg(*SMALL, "sweep.n_trials=2", "++sweep.promotion={trainer.max_steps: 12, trainer.eval_every: 0}",
                    "benchmark.latency_prompts=2", "benchmark.repeats=1", "benchmark.max_new_tokens=4", tracking="wandb")
@@ -239,9 +242,9 @@ def test_full_pipeline_promotes_merges_benchmarks_and_reports(make_cfg, caplog, 
 
     # A second run resumes: nothing trains, merges or benchmarks again.
     stamps = {p: p.stat().st_mtime for p in (out / "full" / "metrics.json", out / "merge.json", out / "benchmark.json")}
-    from lora_search import runs as runs_mod
-
     import pytest as _pytest
+
+    from lora_search.commands import train_stage as runs_mod
 
     with _pytest.MonkeyPatch.context() as mp:
         mp.setattr(runs_mod, "start_worker", lambda *a, **k: _pytest.fail("loaded a model on resume"))

@@ -9,9 +9,10 @@ import weakref
 
 import pytest
 
-from lora_search import pipeline, runs, study as study_lib
-from lora_search.errors import ConfigError
-from lora_search.validate import validate
+from lora_search.checks.run_config import validate
+from lora_search.commands import pipeline, train_stage
+from lora_search.core.errors import ConfigError
+from lora_search.search import study as study_lib
 
 FAST = ["data.train_per_task=12", "data.eval_per_task=4", "sweep.pruner=none", "sweep.sampler=random",
         "++sweep.trial={trainer.max_steps: 2, trainer.eval_every: 0, trainer.batch_size: 4, trainer.eval_subset: 4, "
@@ -48,7 +49,7 @@ def test_keys_no_trial_can_act_on_are_refused_in_the_space(make_cfg, key, choice
     ("lora.init_lora_weights=eva", "the composed config"),
 ])
 def test_base_rewriting_inits_are_refused_in_a_sweep(make_cfg, monkeypatch, override, where):
-    monkeypatch.setattr(runs, "start_worker", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(train_stage, "start_worker", lambda *a, **k: pytest.fail("a model was loaded"))
     cfg = make_cfg(override, "stage=search")
     with pytest.raises(ConfigError) as info:
         pipeline.run(cfg)

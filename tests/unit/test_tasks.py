@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from lora_search import tasks
-from lora_search.tasks import FIELDS, TASKS, WORDS, generate, train_eval
+from lora_search.data import embedded_tasks
+from lora_search.data.embedded_tasks import FIELDS, TASKS, WORDS, generate, train_eval
 
 ALL = list(TASKS)
 
@@ -90,7 +90,7 @@ def test_generate_counts_uniqueness_and_exclude():
 
 
 def test_generate_gives_up_when_items_cannot_be_distinct(monkeypatch):
-    monkeypatch.setitem(tasks.TASKS, "constant", lambda rng: ("always the same", "x"))
+    monkeypatch.setitem(embedded_tasks.TASKS, "constant", lambda rng: ("always the same", "x"))
     assert len(generate(["constant"], 1, seed=0)) == 1
     with pytest.raises(RuntimeError, match="task constant cannot produce 2 distinct items"):
         generate(["constant"], 2, seed=0)

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from lora_search import benchmark, evaluate, runs
-from lora_search import study as study_lib
-from lora_search import trial as space_lib
-from lora_search.data import load_task_data
-from lora_search.errors import ConfigError
-from lora_search.train import train_adapter
+from lora_search.commands import train_stage
+from lora_search.config import space as space_lib
+from lora_search.core.errors import ConfigError
+from lora_search.data.load import load_task_data
+from lora_search.promote import benchmark
+from lora_search.search import study as study_lib
+from lora_search.train import evaluate
+from lora_search.train.run import train_adapter
 
 # --- the metric functions, against values worked out by hand ---------------------------------------------------------
 
@@ -135,7 +137,7 @@ def test_a_run_and_the_benchmark_score_free_text_and_exact_match_only_exact_answ
     cfg = make_cfg(*tiny_overrides, "data.train_per_task=12", "data.eval_per_task=4", "trainer.max_steps=2",
                    "trainer.eval_every=0", "trainer.exact_match_items=4", "trainer.max_new_tokens=4",
                    "data.exact_match=false")
-    worker = runs.start_worker(cfg)
+    worker = train_stage.start_worker(cfg)
     metrics = train_adapter(worker, cfg, tmp_path / "run", save=False)
     for prefix in ("", "base_"):  # the tuned adapter and the base, from the same answers
         assert 0 <= metrics[f"{prefix}rouge_l"] <= 1 and 0 <= metrics[f"{prefix}bleu"] <= 100

@@ -8,7 +8,9 @@ import logging
 import optuna
 import pytest
 
-from lora_search import pipeline, study as study_lib, tracking
+from lora_search.commands import pipeline
+from lora_search.search import study as study_lib
+from lora_search.train import tracking
 
 SMALL = ["data.train_per_task=24", "data.eval_per_task=6", "++sweep.trial={trainer.max_steps: 8, trainer.eval_every: 2, "
          "trainer.batch_size: 4, trainer.exact_match_items: 4, trainer.max_new_tokens: 8, trainer.logging_steps: 1}"]
@@ -57,7 +59,7 @@ def test_a_wandb_failure_warns_once_and_the_sweep_goes_on(make_cfg, monkeypatch,
     monkeypatch.setattr(wandb, "init", broken)
     unpruned = [o for o in TWO_TRIALS if not o.startswith("++sweep.pruner")] + ["sweep.pruner=none"]
     cfg = make_cfg(*unpruned, "sweep.enqueue=[]", tracking="wandb")  # two sampled trials, neither pruned
-    with caplog.at_level(logging.WARNING, logger="lora_search.tracking"):
+    with caplog.at_level(logging.WARNING, logger="lora_search.train.tracking"):
         pipeline.run(cfg)
     study = study_lib.open_study(cfg)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
@@ -105,7 +107,7 @@ def test_an_explicit_offline_with_a_key_writes_offline_runs(make_cfg, wandb_runs
 
 
 def test_the_default_config_tracks_to_wandb():
-    from lora_search.compose import load_config
+    from lora_search.config.compose import load_config
 
     cfg = load_config([])
     assert (cfg.tracking.backend, cfg.tracking.mode) == ("wandb", "auto")
@@ -132,7 +134,8 @@ def test_the_sweep_summary_run_has_best_params_importances_and_the_reports_plots
     (out / "plots").mkdir()
     matplotlib.image.imsave(out / "plots" / "importance.png", np.zeros((4, 4, 3)))  # as report.write_report leaves
     # the promotion's records: its Spearman and what the promoted adapter learned (weights.py) join the summary
-    from lora_search import records, weights
+    from lora_search.core import records
+    from lora_search.promote import weights
     from tests.unit.test_weights import make_adapter
 
     adapter = make_adapter(out / "full" / "adapter", {(0, "q_proj"): [3.0, 2.0], (1, "v_proj"): [1.0]})

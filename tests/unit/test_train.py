@@ -8,19 +8,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_search import adapters, models, runs
-from lora_search.train import train_adapter
+from lora_search.commands import train_stage
+from lora_search.models import adapters, loaders
+from lora_search.train.run import train_adapter
 
 
 @pytest.fixture
 def worker_and_cfg(make_cfg, tiny_overrides):
     cfg = make_cfg(*tiny_overrides)
-    return runs.start_worker(cfg), cfg
+    return train_stage.start_worker(cfg), cfg
 
 
 def test_training_lowers_loss_and_trains_only_the_adapter(worker_and_cfg, tmp_path):
     worker, cfg = worker_and_cfg
-    before = models.checksum(worker.base.model)
+    before = loaders.checksum(worker.base.model)
     metrics = train_adapter(worker, cfg, tmp_path / "run")
 
     assert metrics["eval_loss"] < metrics["base_eval_loss"]
@@ -35,20 +36,20 @@ def test_training_lowers_loss_and_trains_only_the_adapter(worker_and_cfg, tmp_pa
     lora_b = [t for name, t in adapter.items() if "lora_B" in name]
     assert lora_b and all(torch.count_nonzero(t) > 0 for t in lora_b)  # B starts at zero: it moved
     assert sum(t.numel() for t in adapter.values()) == metrics["trainable_params"]
-    assert models.checksum(worker.base.model) == before
+    assert loaders.checksum(worker.base.model) == before
     assert not any("lora" in name for name, _ in worker.base.model.named_modules())
 
 
 def test_several_runs_share_one_base_and_leave_it_unchanged(worker_and_cfg, tmp_path, monkeypatch):
     worker, cfg = worker_and_cfg
     loads = []
-    monkeypatch.setattr(models, "load_base", lambda *a, **k: loads.append(1))
-    before = models.checksum(worker.base.model)
+    monkeypatch.setattr(loaders, "load_base", lambda *a, **k: loads.append(1))
+    before = loaders.checksum(worker.base.model)
     results = []
     for i, (r, targets) in enumerate([(4, "qv"), (8, "all_linear"), (2, "mlp")]):
         cfg.lora.r, cfg.lora.targets = r, targets
         results.append(train_adapter(worker, cfg, tmp_path / f"run{i}", save=False))
-        assert models.checksum(worker.base.model) == before
+        assert loaders.checksum(worker.base.model) == before
     assert loads == []  # reused, never reloaded
     assert "forward" not in worker.base.model.__dict__  # no trainer wrapper left on the shared base
     assert worker.base.model.config.use_cache
@@ -73,21 +74,21 @@ def test_nan_loss_is_visible_not_filtered(worker_and_cfg, tmp_path):
 def test_nf4_qlora_trains_on_cpu(make_cfg, tiny_overrides, tmp_path):
     pytest.importorskip("bitsandbytes")
     cfg = make_cfg(*tiny_overrides, "quant=nf4", "lora=performance")
-    worker = runs.start_worker(cfg)
+    worker = train_stage.start_worker(cfg)
     assert worker.base.quantized
     import bitsandbytes as bnb
 
     assert any(isinstance(m, bnb.nn.Linear4bit) for m in worker.base.model.modules())
-    before = models.checksum(worker.base.model)
+    before = loaders.checksum(worker.base.model)
     metrics = train_adapter(worker, cfg, tmp_path / "run")
     assert metrics["eval_loss"] < metrics["base_eval_loss"]
-    assert models.checksum(worker.base.model) == before
+    assert loaders.checksum(worker.base.model) == before
 
 
 def test_int8_base_trains_on_cpu(make_cfg, tiny_overrides, tmp_path):
     pytest.importorskip("bitsandbytes")
     cfg = make_cfg(*tiny_overrides, "quant=int8")
-    worker = runs.start_worker(cfg)
+    worker = train_stage.start_worker(cfg)
     import bitsandbytes as bnb
 
     assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in worker.base.model.modules())
@@ -98,47 +99,47 @@ def test_int8_base_trains_on_cpu(make_cfg, tiny_overrides, tmp_path):
 def test_llama2_7b_trainable_parameters_match_the_lora_guide():
     from transformers import LlamaConfig
 
-    from lora_search.schema import LoraSpec, ModelConfig
+    from lora_search.config.schema import LoraSpec, ModelConfig
 
     model_cfg = ModelConfig(name="llama2_7b", target_presets={"attn": ["q_proj", "k_proj", "v_proj", "o_proj"]})
-    meta = models.meta_model(LlamaConfig())  # LlamaConfig's defaults are the Llama-2-7B shape
+    meta = loaders.meta_model(LlamaConfig())  # LlamaConfig's defaults are the Llama-2-7B shape
     assert all(p.device.type == "meta" for p in meta.parameters())
     trainable, total = adapters.count_parameters(LoraSpec(r=8, alpha=16, targets="attn"), model_cfg, meta)
     assert (trainable, total) == (8_388_608, 6_746_804_224)
 
 
 def test_target_that_matches_nothing_is_refused_before_weights_load(make_cfg, monkeypatch):
-    from lora_search.errors import ConfigError
+    from lora_search.core.errors import ConfigError
 
-    monkeypatch.setattr(models, "load_base", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(loaders, "load_base", lambda *a, **k: pytest.fail("weights loaded"))
     cfg = make_cfg("lora.targets=[q_proj,qkv_proj]")
     with pytest.raises(ConfigError) as info:
-        runs.train_stage(cfg)
+        train_stage.train_stage(cfg)
     message = info.value.problems[0]
     assert "'qkv_proj' matches no module in LlamaForCausalLM" in message  # q_proj matched; one miss is enough
     assert "q_proj" in message.split("target:")[-1]
 
 
 def test_preset_from_another_model_is_refused(make_cfg, monkeypatch):
-    from lora_search.errors import ConfigError
+    from lora_search.core.errors import ConfigError
 
-    monkeypatch.setattr(models, "load_base", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(loaders, "load_base", lambda *a, **k: pytest.fail("weights loaded"))
     cfg = make_cfg("+model.target_presets.fused=[qkv_proj,gate_up_proj]", "lora.targets=fused")
     with pytest.raises(ConfigError) as info:
-        runs.train_stage(cfg)
+        train_stage.train_stage(cfg)
     assert len(info.value.problems) == 2
     assert "preset 'fused' (tiny_llama) entry 'qkv_proj' matches no module" in info.value.problems[0]
 
 
 def test_missing_columns_fail_before_weights_load(make_cfg, monkeypatch, tmp_path):
-    from lora_search.errors import DataError
+    from lora_search.core.errors import DataError
 
-    monkeypatch.setattr(models, "load_base", lambda *a, **k: pytest.fail("weights loaded"))
+    monkeypatch.setattr(loaders, "load_base", lambda *a, **k: pytest.fail("weights loaded"))
     path = tmp_path / "d.jsonl"
     path.write_text('{"instruction": "hi", "answer": "yo"}\n' * 4)
     cfg = make_cfg("data=local", f"data.path={path}", "data.layout=alpaca")
     with pytest.raises(DataError) as info:
-        runs.train_stage(cfg)
+        train_stage.train_stage(cfg)
     assert "missing column(s) output" in str(info.value) and "instruction, answer" in str(info.value)
 
 
@@ -226,7 +227,7 @@ def test_a_stopped_trial_leaves_nothing_behind_on_a_frozen_worker(worker_and_cfg
 
     from transformers import TrainerCallback
 
-    from lora_search.pruning import TrialStopped
+    from lora_search.train.pruning import TrialStopped
 
     worker, cfg = worker_and_cfg
     assert gc.get_freeze_count() > 0  # start_worker froze what it loaded
@@ -249,7 +250,7 @@ def test_a_stopped_trial_leaves_nothing_behind_on_a_frozen_worker(worker_and_cfg
 def test_padding_free_auto_follows_the_model(make_cfg, tiny_overrides):
     from types import SimpleNamespace
 
-    from lora_search.train import padding_free
+    from lora_search.train.run import padding_free
 
     cfg = make_cfg(*tiny_overrides)
     assert cfg.trainer.padding_free == "auto"
@@ -270,7 +271,7 @@ def test_padding_free_auto_follows_the_model(make_cfg, tiny_overrides):
 def test_padding_free_rows_are_truncated_to_max_length(make_cfg, tiny_overrides, tmp_path):
     cfg = make_cfg(*tiny_overrides, "trainer.max_length=16", "trainer.padding_free=true", "trainer.exact_match_items=0",
                    "trainer.max_steps=2", "trainer.eval_every=0")
-    worker = runs.start_worker(cfg)
+    worker = train_stage.start_worker(cfg)
     metrics = train_adapter(worker, cfg, tmp_path / "run", with_baseline=False, save=False)
     (train_rows, eval_rows), = worker.tokenized.values()
     for rows in (train_rows, eval_rows):

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_search import weights
+from lora_search.promote import weights
 
-TINY = Path(__file__).resolve().parents[2] / "conf" / "model" / "tiny_llama.yaml"
+TINY = Path(__file__).resolve().parents[2] / "lora_search" / "conf" / "model" / "tiny_llama.yaml"
 
 
 def _base_model():

@@ -1,0 +1,124 @@
+"""Stage `train`: check everything that can be checked without weights, load once, train one
+adapter, and write `results/runs/<run name>/`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from pathlib import Path
+
+from lora_search.checks.run_config import validate
+from lora_search.config.schema import RunConfig
+from lora_search.core import hardware, records
+from lora_search.data import quality_report
+from lora_search.models import adapters, loaders
+from lora_search.train import tracking
+from lora_search.train.run import Worker, train_adapter
+
+log = logging.getLogger(__name__)
+
+
+def preflight(cfg: RunConfig):
+    """Validate the config, load the data and check targets on the meta device: all before any weight loads."""
+    from lora_search.checks.run_config import init_adapter_dir
+    from lora_search.commands.preflight import check_kind, task_data
+    from lora_search.core.errors import ConfigError
+
+    validate(cfg)
+    data = task_data(cfg.data)  # loaded once: the pre-Hydra checks and the run share it
+    check_kind(cfg, data)
+    arch = loaders.architecture(cfg.model, cfg.cache_dir)
+    meta = loaders.meta_model(arch)
+    adapters.check_targets(cfg.lora, cfg.model, meta)
+    if cfg.trainer.init_adapter:
+        problems = adapters.check_start(init_adapter_dir(cfg.trainer.init_adapter, cfg.results_dir)[0], meta)
+        if problems:
+            raise ConfigError(problems)
+    log.info("data: %d train rows, %d eval rows (%s layout)", len(data.train), len(data.eval), data.layout)
+    for line in quality_report.render(data.report).splitlines()[:2]:
+        log.info("data: %s", line)
+    return data, meta
+
+
+_reported: dict = {}  # data report path -> fingerprint written there by this process
+
+
+def record_data(cfg: RunConfig, data, tokenizer, path: Path | None = None) -> dict:
+    """Count the data's tokens as TRL will (truncation at trainer.max_length), warn on truncation or leakage, and
+    write the data report to path (a second, different data set in one sweep goes to data_report-<fingerprint>)."""
+    report = data.report
+    if report.get("tokens", {}).get("max_length") != cfg.trainer.max_length:
+        quality_report.add_tokens(report, data, tokenizer, cfg.trainer.max_length)
+        quality_report.warn(report)
+    if path is not None:
+        if _reported.setdefault(path, data.fingerprint) != data.fingerprint:
+            path = path.with_name(f"{path.stem}-{data.fingerprint[:12]}.json")
+        records.write_json(path, {"fingerprint": data.fingerprint, **report})
+    return report
+
+
+def start_worker(cfg: RunConfig, data=None) -> Worker:
+    """Preflight (unless data is given), then load the base model once."""
+    if data is None:
+        data, _ = preflight(cfg)
+    base = loaders.load_base(cfg.model, cfg.quant, cfg.cache_dir, cfg.trainer.gradient_checkpointing)
+    sweep_report = None if cfg.stage == "train" else Path(cfg.results_dir) / cfg.sweep.name / "data_report.json"
+    record_data(cfg, data, base.tokenizer, sweep_report)
+    for package in ("peft", "trl", *(("wandb",) if tracking.enabled(cfg) else ())):
+        importlib.import_module(package)  # what every trial uses: paid here, not by the first trial, and frozen
+    worker = Worker(base=base, data=data)
+    hardware.freeze_long_lived()
+    return worker
+
+
+def run_name(cfg: RunConfig) -> str:
+    """The run's folder name: run_name, else <model>-<lora>-<quant>-<time>."""
+    if cfg.run_name:
+        return cfg.run_name
+    quant = f"-{cfg.quant.name}" if cfg.quant.mode != "none" else ""
+    return f"{cfg.model.name}-{cfg.lora.name}{quant}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def train_stage(cfg: RunConfig) -> Path:
+    """Train one adapter on the configured model and data; return the run folder."""
+    t0 = time.perf_counter()
+    data, _ = preflight(cfg)
+    run_dir = Path(cfg.results_dir) / "runs" / run_name(cfg)
+    records.write_config(run_dir / "config.yaml", cfg)
+    records.write_status(run_dir, "running")
+    run = tracking.start(cfg, run_dir, run_dir.name, "train", group="train")
+    try:
+        worker = start_worker(cfg, data)
+        metrics = train_adapter(worker, cfg, run_dir, callbacks=[tracking.StepLogger(run)])
+    except BaseException as e:
+        reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+        records.write_status(run_dir, "failed", reason=reason)
+        tracking.finish(run, {"status": "failed"}, tags=["failed", reason], exit_code=1)
+        raise
+    metrics["load_s"] = worker.base.load_s
+    metrics["wall_s"] = time.perf_counter() - t0
+    metrics["data_fingerprint"] = data.fingerprint
+    metrics.update(quality_report.summary(data.report))
+    records.write_json(run_dir / "data_report.json", {"fingerprint": data.fingerprint, **data.report})
+    records.write_json(run_dir / "metrics.json", metrics)
+    records.write_status(run_dir, "complete")
+    tracking.log_dir_artifact(run, run_dir / "adapter", f"adapter-{run_dir.name}", "model", metrics)
+    tracking.finish(run, {**metrics, "status": "complete"}, tags=["complete"])
+    if cfg.trainer.method == "dpo":
+        log.info("eval DPO loss %.4f, reward accuracy %.0f%%; preference accuracy %.0f%% (base %.0f%%) on %d eval "
+                 "pairs; %.1f s in all", metrics["eval_loss"], 100 * metrics["reward_accuracy"],
+                 100 * metrics["preference_accuracy"], 100 * metrics["base_preference_accuracy"],
+                 metrics["preference_pairs"], metrics["wall_s"])
+    else:
+        em, base_em = metrics.get("exact_match"), metrics.get("base_exact_match")
+        rouge, base_rouge = metrics.get("rouge_l"), metrics.get("base_rouge_l")
+        log.info("eval loss %.4f (base %.4f)%s%s; %.0f train tokens/s; %.1f s in all",
+                 metrics["eval_loss"], metrics["base_eval_loss"],
+                 f"; exact match {em:.0%} (base {base_em:.0%})" if em is not None and base_em is not None else "",
+                 f"; ROUGE-L {rouge:.3f}, BLEU {metrics['bleu']:.1f} (base {base_rouge:.3f}, "
+                 f"{metrics['base_bleu']:.1f})" if rouge is not None and base_rouge is not None else "",
+                 metrics["train_tokens_per_s"] or 0, metrics["wall_s"])
+    log.info("wrote %s", run_dir)
+    return run_dir

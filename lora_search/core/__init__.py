@@ -1,0 +1,1 @@
+"""Foundations every stage uses: user errors, secret redaction, the machine, run records."""

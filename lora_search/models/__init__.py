@@ -1,0 +1,1 @@
+"""Base models and adapters: loaders (embedded GGUF, hub, tiny), LoRA target presets and configs, the memory estimate."""

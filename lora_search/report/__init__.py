@@ -1,0 +1,1 @@
+"""What a study found: the report, plots, importances and how far to trust them, comparisons."""

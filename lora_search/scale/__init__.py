@@ -1,0 +1,1 @@
+"""Many workers on one study: storages, worker processes, trial slots, the promotion claim."""
