@@ -1,5 +1,5 @@
 """The benchmark scripts: peer_sweep end to end in --quick mode (tiny model, 2 trials of 4 steps), and the
-README's performance section rendered from the records. Speed is measured, never asserted."""
+performance section of docs/performance.md rendered from the records. Speed is measured, never asserted."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def test_readme_section_renders_the_records(quick, tmp_path):
     (tmp_path / "future.json").write_text(json.dumps({"name": "future", "per_trial_s": 1.5}))  # a kind not known
     (tmp_path / "broken.json").write_text("{not json")
     text = readme_section.main(["--dir", str(tmp_path)])
-    assert text.startswith("## Performance")
+    assert text.startswith("## Measurements")
     assert f"### LoRA search against its peers (`{tmp_path / 'peer_sweep.json'}`)" in text
     for label in readme_section.LABELS.values():
         assert f"| {label} |" in text
@@ -89,16 +89,29 @@ def test_readme_section_without_records(tmp_path):
     assert "No benchmark records yet" in text
 
 
-def test_readme_update_replaces_only_the_generated_section(tmp_path):
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# Title\n\n{readme_section.BEGIN}\nold figures\n{readme_section.END}\n\n## After\n")
-    readme_section.update(readme, "## Performance\n\nnew figures\n")
-    text = readme.read_text()
+def test_update_replaces_only_the_generated_section(tmp_path):
+    page = tmp_path / "performance.md"
+    page.write_text(f"# Title\n\n{readme_section.BEGIN}\nold figures\n{readme_section.END}\n\n## After\n")
+    readme_section.update(page, "## Measurements\n\nnew figures\n")
+    text = page.read_text()
     assert "old figures" not in text and "new figures" in text
     assert text.startswith("# Title") and text.endswith("## After\n")
+    assert readme_section.section(page) == "## Measurements\n\nnew figures"
     (tmp_path / "plain.md").write_text("# No markers\n")
     with pytest.raises(SystemExit, match="no performance markers"):
         readme_section.update(tmp_path / "plain.md", "x")
+    with pytest.raises(SystemExit, match="differs from the records"):  # --check: the page against other records
+        readme_section.main(["--dir", str(tmp_path / "missing"), "--check", str(page)])
+
+
+def test_docs_performance_is_what_the_records_say():
+    """docs/performance.md's generated section is exactly what benchmarks/readme_section.py renders from the records
+    in results/bench/ (`make bench` regenerates it; nobody edits the figures by hand), and the README holds none."""
+    root = common.ROOT
+    page = root / "docs" / "performance.md"
+    assert readme_section.section(page) == readme_section.render(*common.read_records(common.BENCH_DIR)).rstrip()
+    readme_section.main(["--check", str(page)])  # the same through the command line
+    assert readme_section.BEGIN not in (root / "README.md").read_text()
 
 
 @pytest.mark.slow  # runs a benchmark on the tiny model (tens of seconds)

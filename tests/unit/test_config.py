@@ -201,12 +201,15 @@ def test_a_mapping_on_the_command_line_replaces_the_files_mapping():
     assert load_config(["+lora.rank_pattern.q_proj=4"]).lora.rank_pattern == {"q_proj": 4}
 
 
-def test_the_readme_sweep_example_is_sweeps_rank_lr():
+def test_the_docs_sweep_example_is_the_shipped_rank_lr():
     import re
+    from pathlib import Path
 
     import yaml
 
-    text = (compose.PACKAGE_ROOT / "README.md").read_text()
+    root = Path(__file__).resolve().parents[2]
+    text = (root / "docs" / "sweeps.md").read_text()
     blocks = [b for b in re.findall(r"```yaml\n(.*?)```", text, re.S) if re.search(r"^name: rank_lr\b", b, re.M)]
-    assert len(blocks) == 1, "README.md must show sweeps/rank_lr.yaml in one ```yaml block"
-    assert yaml.safe_load(blocks[0]) == _sweep_values(compose.sweeps_dir() / "rank_lr.yaml")
+    assert len(blocks) == 1, "docs/sweeps.md must show lora_search/sweeps/rank_lr.yaml in one ```yaml block"
+    assert "`lora_search/sweeps/rank_lr.yaml`" in text  # the page names the file it shows, at its path
+    assert yaml.safe_load(blocks[0]) == _sweep_values(root / "lora_search" / "sweeps" / "rank_lr.yaml")
