@@ -5,8 +5,9 @@
 #   make test-fast  the fast unit tests (under 5 minutes)
 #   make dashboard  optuna-dashboard for a study on http://127.0.0.1:8080 (SWEEP=rank_lr)
 #   make bench      the benchmarks in benchmarks/ (each writes results/bench/<name>.json; run on a quiet
-#                   machine: about 190 minutes on a 2-core CPU, pruning 80 of them), then the README's
-#                   performance section generated from those records
+#                   machine: about 190 minutes on a 2-core CPU, pruning 80 of them), then
+#                   docs/performance.md generated from those records
+#   make wheel      dist/lora_search-<version>-py3-none-any.whl, to install elsewhere (docs/install.md)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -19,7 +20,7 @@ TORCH_INDEX ?=
 PYTEST_ARGS ?=
 SWEEP ?= rank_lr
 
-.PHONY: setup sweep train test test-fast bench dashboard clean-cache
+.PHONY: setup sweep train test test-fast bench dashboard wheel clean-cache
 
 setup: $(VENV)/.installed
 
@@ -59,7 +60,11 @@ bench: setup
 	$(PY) benchmarks/memory_estimate.py
 	$(PY) benchmarks/scale.py
 	$(PY) benchmarks/search_quality.py
-	$(PY) benchmarks/readme_section.py --update README.md
+	$(PY) benchmarks/readme_section.py --update docs/performance.md
+
+# Built from the checkout with the set-up's setuptools (no download); the wheel carries conf/ and sweeps/.
+wheel: setup
+	$(PIP) wheel -q --no-deps --no-build-isolation -w dist . && rm -rf build
 
 clean-cache:
 	rm -rf $${LORA_SEARCH_CACHE:-$$HOME/.cache/lora_search}

@@ -58,22 +58,34 @@ def run(cfg) -> None:
     from lora_search.checks.run_config import validate
     from lora_search.commands import pipeline, train_stage
     from lora_search.config import compose
+    from lora_search.search import interrupts  # loads torch: only a run needs it
 
-    overrides = list(HydraConfig.get().overrides.task)
+    hydra_cfg = HydraConfig.get()
+    overrides = list(hydra_cfg.overrides.task)
+    _sweep_note(hydra_cfg.runtime.choices.get("sweep"))
     run_cfg = compose.to_run_config(cfg, overrides)  # a mapping on the command line replaces the file's
     if run_cfg.stage == "train":
-        from lora_search.search import failures
-
-        with failures.signals_handled():  # Ctrl-C / SIGTERM: the run folder says failed (interrupted), exit 130 / 143
+        with interrupts.signals_handled():  # Ctrl-C / SIGTERM: the run folder says failed (interrupted), exit 130 / 143
             try:
                 train_stage.train_stage(run_cfg)
             except KeyboardInterrupt as e:
-                sys.exit(failures.exit_code(e, resumable=False))
+                sys.exit(interrupts.exit_code(e, resumable=False))
     else:
         validate(run_cfg)
-        code = pipeline.run(run_cfg, overrides)
+        # the user's config folders (--config-dir, hydra.searchpath) go with the overrides to the extra workers
+        user_dirs = [s.path for s in hydra_cfg.runtime.config_sources if s.schema == "file" and s.provider != "main"]
+        code = pipeline.run(run_cfg, overrides + ([compose.searchpath_override(user_dirs)] if user_dirs else []))
         if code:
             sys.exit(code)  # a nightly job: 3 = new champion (0 = no change)
+
+
+def _sweep_note(name) -> None:
+    """One log line when the chosen sweep is the user's file in place of a shipped one of the same name."""
+    from lora_search.config import compose
+
+    path, shipped = compose.sweep_files().get(name), compose.sweeps_dir() / f"{name}.yaml"
+    if path is not None and shipped.is_file() and path != shipped:
+        log.info("sweep=%s: %s replaces the shipped sweep of that name", name, path)
 
 
 def _task(cfg) -> None:
@@ -85,15 +97,13 @@ def _task(cfg) -> None:
 
 
 def _command(name: str, args: list[str]) -> None:
-    from lora_search.config import compose
-
     if name == "report":
         main([*args, "stage=report"])
     elif name == "dashboard":
+        from lora_search.checks import overrides
         from lora_search.commands import dashboard
 
-        compose.check_overrides(args)
-        dashboard.serve(compose.load_config(args))
+        dashboard.serve(overrides.compose(args))
     elif name == "preview":
         from lora_search.commands import preview
 
@@ -112,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: a command, or check the whole run before Hydra writes anything, then hand over to hydra.main."""
     import hydra
 
-    from lora_search.commands import preflight
+    from lora_search.checks import installed, overrides
     from lora_search.config import compose
     from lora_search.core import masking
 
@@ -132,10 +142,14 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(EXIT_USAGE)
         return
     try:
-        argv = compose.launcher_jobs(argv)  # -m hydra/launcher=slurm sweep.workers=N: N jobs of one worker
-        compose.check_overrides(preflight.overrides_of(argv))
-        if preflight.is_run(argv):
-            preflight.check(preflight.compose(argv))
+        argv = overrides.launcher_jobs(argv)  # -m hydra/launcher=slurm sweep.workers=N: N jobs of one worker
+        compose.check_overrides(overrides.overrides_of(argv), overrides.config_dirs(argv))
+        if overrides.is_run(argv):
+            cfg = overrides.compose(argv)
+            installed.check_embedded_model(cfg)  # one line before the checks below load torch and the rest
+            from lora_search.commands import preflight
+
+            preflight.check(cfg)
     except LoraSearchError as e:
         report(e)
         sys.exit(EXIT_USAGE)

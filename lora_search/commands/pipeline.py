@@ -6,23 +6,24 @@ skipped on a second run.
 from __future__ import annotations
 
 import gc
-import importlib
 import logging
 import socket
 import time
 from collections import OrderedDict
 
-from lora_search.checks.run_config import init_adapter_dir, validate
-from lora_search.commands import train_stage
+from lora_search.checks.run_config import validate
+from lora_search.commands import nightly, train_stage
 from lora_search.config import space as space_lib
 from lora_search.config.schema import RunConfig
 from lora_search.core import hardware, records
 from lora_search.core.errors import ConfigError
 from lora_search.models import adapters, loaders
+from lora_search.models.adapters import init_adapter_dir
+from lora_search.promote import benchmark, merge
 from lora_search.promote.promotion import config_id, load_best, promote_stage
-from lora_search.report import markdown
+from lora_search.report import markdown, wandb_summary
 from lora_search.scale import promotion_claim
-from lora_search.search import failures, memory_budget
+from lora_search.search import failures, interrupts, memory_budget
 from lora_search.search.study import check_sweep, open_study, search_stage, study_dir
 from lora_search.train import tracking
 from lora_search.train.run import Worker
@@ -135,11 +136,11 @@ def run(cfg: RunConfig, overrides: list[str] = ()) -> int:
     `overrides` (the command line) let extra workers compose the same run. SIGINT and SIGTERM stop it cleanly
     (exit 130 / 143, the running trial recorded as interrupted); a sweep whose trials keep failing exits 4.
     """
-    with failures.signals_handled():
+    with interrupts.signals_handled():
         try:
             return _run(cfg, overrides)
         except (KeyboardInterrupt, failures.TooManyFailures) as e:
-            return failures.exit_code(e)
+            return interrupts.exit_code(e)
 
 
 def _run(cfg: RunConfig, overrides: list[str] = ()) -> int:
@@ -151,8 +152,6 @@ def _run(cfg: RunConfig, overrides: list[str] = ()) -> int:
     workers = Workers(cfg)
     records.write_config(out / "sweep.yaml", cfg)
     if cfg.sweep.nightly.enabled and cfg.stage == "all":
-        from lora_search.commands import nightly
-
         return nightly.run_night(cfg, workers.get, overrides)
     study = search_stage(cfg, workers.get, overrides) if "search" in stages else open_study(cfg)
     if explicit or cfg.force:  # the user's own call: no claim
@@ -181,7 +180,7 @@ def _later_stages(cfg: RunConfig, stages, study, workers: Workers, out, t0: floa
     for name in ("merge", "benchmark"):
         if name not in stages:
             continue
-        fn = getattr(importlib.import_module(f"lora_search.{name}"), f"{name}_stage")
+        fn = getattr({"merge": merge, "benchmark": benchmark}[name], f"{name}_stage")
         full_cfg = load_best(out)
         cid = config_id(full_cfg)
         if _stage_done(out, name, cid) and not (cfg.force or explicit):
@@ -194,7 +193,7 @@ def _later_stages(cfg: RunConfig, stages, study, workers: Workers, out, t0: floa
         _mark_done(out, name, cid)
     if "report" in stages:
         path = markdown.write_report(study, cfg, out)
-        tracking.log_study(study, cfg, out)
+        wandb_summary.log_study(study, cfg, out)
         summarize(study, cfg, out)
         log.info("report: %s (%.1f min in all)", path, (time.perf_counter() - t0) / 60)
     return 0

@@ -10,10 +10,13 @@ import time
 from pathlib import Path
 
 from lora_search.checks.run_config import validate
+from lora_search.checks.task_data import check_kind, task_data
 from lora_search.config.schema import RunConfig
 from lora_search.core import hardware, records
+from lora_search.core.errors import ConfigError
 from lora_search.data import quality_report
 from lora_search.models import adapters, loaders
+from lora_search.models.adapters import init_adapter_dir
 from lora_search.train import tracking
 from lora_search.train.run import Worker, train_adapter
 
@@ -22,10 +25,6 @@ log = logging.getLogger(__name__)
 
 def preflight(cfg: RunConfig):
     """Validate the config, load the data and check targets on the meta device: all before any weight loads."""
-    from lora_search.checks.run_config import init_adapter_dir
-    from lora_search.commands.preflight import check_kind, task_data
-    from lora_search.core.errors import ConfigError
-
     validate(cfg)
     data = task_data(cfg.data)  # loaded once: the pre-Hydra checks and the run share it
     check_kind(cfg, data)

@@ -1,7 +1,8 @@
 """Where the configs live, the `sweep` group, and checks of command-line overrides.
 
-Hydra composes `conf/` (plus the `sweep` group read from `sweeps/`); this module finds those
-folders, registers the schemas, and checks each override against the schema before Hydra runs,
+Hydra composes the shipped `conf/` (plus the `sweep` group: the shipped sweeps, $LORA_SEARCH_SWEEPS and the
+working folder's `./sweeps/`) and any folder the command line adds (`--config-dir`, `hydra.searchpath`); this
+module finds those folders, registers the schemas, and checks each override against the schema before Hydra runs,
 so a typo gets one line that names it and the closest valid keys.
 """
 
@@ -10,17 +11,22 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import re
 import typing
 from pathlib import Path
 
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf, open_dict
 
-from lora_search.config import schema
+from lora_search.config import objectives, schema
 from lora_search.core.errors import ConfigError
 
 PACKAGE_DIR = Path(__file__).resolve().parent.parent  # lora_search/: conf/ and sweeps/ ship inside the package
 PACKAGE_ROOT = PACKAGE_DIR.parent
+USER_SWEEPS = "sweeps"  # the working folder's own sweeps: ./sweeps/*.yaml
 
 
 def conf_dir() -> Path:
@@ -29,27 +35,38 @@ def conf_dir() -> Path:
 
 
 def sweeps_dir() -> Path:
-    """The folder of named sweeps (the `sweep` group): $LORA_SEARCH_SWEEPS, else sweeps/."""
-    return Path(os.environ.get("LORA_SEARCH_SWEEPS", PACKAGE_DIR / "sweeps")).resolve()
+    """The folder of the shipped sweeps (lora_search/sweeps/)."""
+    return (PACKAGE_DIR / "sweeps").resolve()
 
 
-def group_choices(group: str) -> list[str]:
-    """The names a config group accepts, from its folder."""
-    folder = sweeps_dir() if group == "sweep" else conf_dir() / group
-    return sorted(p.stem for p in folder.glob("*.yaml"))
+def sweep_dirs() -> list[Path]:
+    """The folders of the `sweep` group, nearest last: the shipped sweeps, $LORA_SEARCH_SWEEPS, ./sweeps."""
+    found = [sweeps_dir(), *([Path(os.environ["LORA_SEARCH_SWEEPS"])] if os.environ.get("LORA_SEARCH_SWEEPS") else []),
+             Path.cwd() / USER_SWEEPS]
+    return list(dict.fromkeys(p.resolve() for p in found if p.is_dir()))
+
+
+def sweep_files() -> dict[str, Path]:
+    """Sweep name -> its file; a nearer folder's file replaces a farther one's of the same name."""
+    return {p.stem: p for folder in sweep_dirs() for p in sorted(folder.glob("*.yaml"))}
+
+
+def group_choices(group: str, config_dirs=()) -> list[str]:
+    """The names a config group accepts: from the shipped folder and the folders the command line adds."""
+    if group == "sweep":
+        return sorted(sweep_files())
+    return sorted({p.stem for folder in (conf_dir(), *config_dirs) for p in (Path(folder) / group).glob("*.yaml")})
 
 
 def register() -> None:
-    """Register the schemas and every sweeps/*.yaml as the Hydra `sweep` group."""
-    from hydra.core.config_store import ConfigStore
-
+    """Register the schemas and every sweep file (sweep_files) as the Hydra `sweep` group."""
     schema.register()
     cs = ConfigStore.instance()
-    for path in sorted(sweeps_dir().glob("*.yaml")):
+    for name, path in sweep_files().items():
         node = OmegaConf.load(path)
         if "name" not in node:
-            node.name = path.stem
-        cs.store(group="sweep", name=path.stem, node=node, provider="lora_search.sweeps")
+            node.name = name
+        cs.store(group="sweep", name=name, node=node, provider="lora_search.sweeps")
 
 
 def _field_type(dc: type, name: str):
@@ -105,8 +122,6 @@ def check_key(key: str) -> str | None:
 
 def sweep_groups(args: list[str]) -> dict[str, str]:
     """The groups the chosen sweep file picks (its `groups:` mapping) that the command line does not choose."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     chosen, sweep = set(), None
     for arg in args:
         try:
@@ -120,15 +135,14 @@ def sweep_groups(args: list[str]) -> dict[str, str]:
     if sweep is None:
         defaults = OmegaConf.load(conf_dir() / "config.yaml").get("defaults", [])
         sweep = next((d["sweep"] for d in defaults if isinstance(d, dict) and "sweep" in d), None)
-    path = sweeps_dir() / f"{sweep}.yaml"
-    groups = OmegaConf.load(path).get("groups") if sweep and path.is_file() else None
+    path = sweep_files().get(sweep)
+    groups = OmegaConf.load(path).get("groups") if path else None
     return {g: str(c) for g, c in (groups or {}).items() if g not in chosen}
 
 
-def check_overrides(args: list[str]) -> None:
-    """Check command-line overrides against the groups and the schema; raise ConfigError."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
+def check_overrides(args: list[str], config_dirs=()) -> None:
+    """Check command-line overrides against the groups (the shipped ones and those in config_dirs, the folders the
+    command line adds) and the schema; raise ConfigError."""
     plain = [a for a in args if not a.startswith("-")]
     try:
         overrides = OverridesParser.create().parse_overrides(plain)
@@ -140,7 +154,7 @@ def check_overrides(args: list[str]) -> None:
         if key.startswith("hydra") or ov.is_add() or ov.is_delete() or ov.is_force_add():
             continue
         if key in schema.GROUPS and ov.package is None and "." not in key:
-            choices = group_choices(key)
+            choices = group_choices(key, config_dirs)
             if ov.is_sweep_override():
                 continue
             value = ov.value()
@@ -157,9 +171,9 @@ def check_overrides(args: list[str]) -> None:
             if group not in schema.GROUPS or group == "sweep":
                 problems.append(f"sweep.groups: {group!r} is not a config group a sweep can pick; accepted: "
                                 f"{', '.join(g for g in schema.GROUPS if g != 'sweep')}")
-            elif choice not in group_choices(group):
+            elif choice not in group_choices(group, config_dirs):
                 problems.append(f"sweep.groups: {group}={choice} is not a known {group} config; available: "
-                                f"{', '.join(group_choices(group))}")
+                                f"{', '.join(group_choices(group, config_dirs))}")
     if problems:
         raise ConfigError(problems)
 
@@ -168,8 +182,6 @@ def mapping_overrides(args: list[str]) -> list[tuple[str, object]]:
     """(dotted key, value) to set again after Hydra composed: each override that gives a whole mapping to a
     free-form key (sweep.sampler, sweep.pruner, sweep.space, sweep.trial, sweep.promotion, lora.rank_pattern ...),
     then, in command-line order, the later overrides of keys inside it (`sweep.sampler.seed=3`)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     plain = [a for a in args if not a.startswith("-") and not a.lstrip("+~").startswith("hydra")]
     found, replaced = [], []
     for ov in OverridesParser.create().parse_overrides(plain):
@@ -191,8 +203,6 @@ def hydra_overrides(args: list[str]) -> list[str]:
     override there is refused); to_run_config then sets the key to exactly the mapping. A key inside a free-form
     field (`data.columns.prompt=question`, `lora.rank_pattern.q_proj=4`) is passed as `++` too: the file's mapping
     may not have it yet."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     parser, out = OverridesParser.create(), []
     for arg in args:
         try:
@@ -240,8 +250,6 @@ def to_run_config(cfg, overrides: list[str] = ()) -> schema.RunConfig:
             OmegaConf.update(cfg, key, value, merge=False)
     run = OmegaConf.to_object(cfg)
     if run.sweep.objectives:  # several objectives: sweep.metric follows the first quality one (objectives.primary)
-        from lora_search.config import objectives
-
         run.sweep.objectives = objectives.normalize(run.sweep.objectives)
         lead = objectives.primary(run.sweep.objectives)
         if lead:
@@ -251,57 +259,19 @@ def to_run_config(cfg, overrides: list[str] = ()) -> schema.RunConfig:
     return run
 
 
-def load_config(overrides: list[str] = ()) -> schema.RunConfig:
-    """Compose conf/ with overrides through Hydra's compose API (for tests and notebooks)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+def searchpath_override(config_dirs) -> str:
+    """`hydra.searchpath=[...]` adding config_dirs (absolute) to Hydra's config search path."""
+    quoted = ("'file://" + str(Path(d).resolve()).replace("'", "\\'") + "'" for d in config_dirs)
+    return f"hydra.searchpath=[{','.join(quoted)}]"
 
-    check_overrides(list(overrides))
+
+def load_config(overrides: list[str] = (), config_dirs=()) -> schema.RunConfig:
+    """Compose conf/ (and the config groups in config_dirs, user folders of Hydra's search path) with overrides
+    through Hydra's compose API (for the pre-Hydra checks, tests and notebooks)."""
+    check_overrides(list(overrides), config_dirs)
     register()
     GlobalHydra.instance().clear()
+    extra = [searchpath_override(config_dirs)] if config_dirs else []
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=hydra_overrides(list(overrides)))
+        cfg = hydra_compose(config_name="config", overrides=hydra_overrides(list(overrides)) + extra)
     return to_run_config(cfg, list(overrides))
-
-
-CLUSTER_LAUNCHERS = ("slurm", "slurm_cpu", "submitit_slurm")  # each job may land on another machine
-JOB_LAUNCHERS = (*CLUSTER_LAUNCHERS, "local", "submitit_local")
-
-
-def launcher_jobs(args: list[str]) -> list[str]:
-    """A multirun through a submitit launcher (`-m hydra/launcher=slurm sweep.workers=8`): the launcher starts the
-    workers, one job each, so sweep.workers=N becomes N jobs (`worker=range(N)`, the array's size) of one worker
-    process each (`sweep.workers=1`); an explicit `worker=...` sweep is left as it is. Then a cluster launcher with an
-    SQLite storage is refused (ConfigError): its jobs run on several machines."""
-    from lora_search.core import masking
-    from lora_search.scale import storage
-
-    if not any(a in ("-m", "--multirun") for a in args):
-        return list(args)
-    launcher = next((a.split("=", 1)[1] for a in args if a.startswith("hydra/launcher=")), None)
-    if launcher not in JOB_LAUNCHERS:
-        return list(args)
-    out, workers = list(args), None
-    for i, arg in enumerate(args):
-        if arg.startswith("sweep.workers=") and arg.split("=", 1)[1].isdigit():
-            workers = int(arg.split("=", 1)[1])
-            if not any(a.startswith("worker=") for a in args) and workers > 1:
-                out[i] = "sweep.workers=1"
-                out.append(f"worker=range({workers})")
-    jobs = workers if workers and workers > 1 else _range_size(next((a for a in out if a.startswith("worker=")), ""))
-    given = next((a.split("=", 1)[1] for a in args if a.startswith("sweep.storage=")), None)
-    url = given or os.environ.get(masking.STORAGE_ENV) or "sqlite:///results/<study>/study.db"
-    if launcher in CLUSTER_LAUNCHERS and jobs > 1 and storage.kind(url) == "sqlite":
-        raise ConfigError(f"hydra/launcher={launcher} runs the {jobs} workers as jobs on several machines, but the "
-                          f"study's storage is SQLite ({masking.mask_url(url)}), which several machines cannot "
-                          f"share; set sweep.storage to {storage.ALTERNATIVES}")
-    return out
-
-
-def _range_size(arg: str) -> int:
-    """How many jobs `worker=range(N)` / `worker=0,1,2` makes (1 when unknown)."""
-    value = arg.split("=", 1)[1] if "=" in arg else ""
-    m = re.fullmatch(r"range\((\d+)(?:,\s*(\d+))?\)", value)
-    if m:
-        return int(m.group(2)) - int(m.group(1)) if m.group(2) else int(m.group(1))
-    return len(value.split(",")) if value else 1

@@ -202,7 +202,7 @@ def test_multirun_through_the_cli_submits_one_array_per_sweep(tmp_path, fake_slu
 
 
 def test_sweep_workers_becomes_the_array_and_sqlite_is_refused_on_a_cluster():
-    from lora_search.config.compose import launcher_jobs
+    from lora_search.checks.overrides import launcher_jobs
     from lora_search.core.errors import ConfigError
 
     pg = "sweep.storage=postgresql+psycopg://u@db/x"
