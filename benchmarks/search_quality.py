@@ -161,7 +161,7 @@ def _sampler(kind: str, seed: int, default: dict):
 def _pruner(pruned: bool, default: dict):
     import optuna
 
-    from lora_search.search.samplers import make_pruner
+    from lora_search.config.samplers import make_pruner
 
     if not pruned:
         return optuna.pruners.NopPruner()
@@ -311,7 +311,7 @@ def agreement(table: dict, top: int, quick: bool, work: Path) -> dict:
     from lora_search.commands import train_stage
     from lora_search.config import space as space_lib
     from lora_search.config.compose import load_config
-    from lora_search.report import confidence
+    from lora_search.core import stats
     from lora_search.train.run import train_adapter
 
     cfg = load_config(["sweep=rank_lr", "tracking=none", f"results_dir={work}", *(QUICK if quick else [])])
@@ -328,7 +328,7 @@ def agreement(table: dict, top: int, quick: bool, work: Path) -> dict:
         rows.append({"config": name, "trial_value": table[name]["mean"], "full_value": m["eval_loss"],
                      "steps": m["steps"], "seconds": round(time.perf_counter() - t0, 1)})
         log.info("full run %s: %.4f (trial %.4f)", name, m["eval_loss"], table[name]["mean"])
-    rho = confidence.spearman([r["trial_value"] for r in rows], [r["full_value"] for r in rows])
+    rho = stats.spearman([r["trial_value"] for r in rows], [r["full_value"] for r in rows])
     return {"top": top, "steps": rows[0]["steps"] if rows else None, "runs": rows, "spearman": rho,
             "goal": GOAL_SPEARMAN, "meets_goal": rho is not None and rho >= GOAL_SPEARMAN}
 

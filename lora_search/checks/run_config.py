@@ -12,6 +12,9 @@ from pathlib import Path
 
 from lora_search.config.schema import STAGES, RunConfig
 from lora_search.core.errors import ConfigError
+from lora_search.data.embedded_tasks import PREFERENCE_TASKS, TASKS
+from lora_search.data.readers import DATA_SUFFIXES
+from lora_search.models.adapters import init_adapter_dir
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -25,9 +28,6 @@ METHODS = ("sft", "dpo")
 # TRL 1.16 DPOTrainer's loss types (DPOConfig.loss_type); several combined are not offered here
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
-DATA_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-
-
 def _choice(problems, key, value, accepted):
     if value not in accepted:
         problems.append(f"{key} must be one of {', '.join(map(str, accepted))}; got {value!r}")
@@ -136,21 +136,6 @@ def check_dpo(problems: list[str], cfg: RunConfig) -> None:
                         "leave it auto or false")
 
 
-def init_adapter_dir(value: str, results_dir: str) -> tuple[Path | None, str | None]:
-    """trainer.init_adapter as a folder holding adapter_config.json: the folder itself, or the promoted adapter of
-    the study of that name (results/<study>/full/adapter); (None, the problem) when neither exists."""
-    folder = Path(value).expanduser()
-    study = Path(results_dir) / str(value) / "full" / "adapter"
-    for candidate in (folder, study):
-        if (candidate / "adapter_config.json").is_file():
-            return candidate, None
-    if folder.is_dir():
-        return None, f"trainer.init_adapter: {value!r} is a folder without adapter_config.json (not a PEFT adapter)"
-    return None, (f"trainer.init_adapter: {value!r} is neither an adapter folder (with adapter_config.json) nor a "
-                  f"study with a promoted adapter ({study} does not exist); give the folder a `train` or promotion "
-                  "wrote, or the name of a study whose search and promotion finished")
-
-
 def check_model_quant(problems: list[str], cfg: RunConfig) -> None:
     """Model source and dtype; quantization mode and whether bitsandbytes is there."""
     m, q = cfg.model, cfg.quant
@@ -173,8 +158,6 @@ def check_model_quant(problems: list[str], cfg: RunConfig) -> None:
 
 def check_data(problems: list[str], cfg: RunConfig) -> None:
     """Data source, file existence and format (data.path, data.eval_path), layout, split fraction."""
-    from lora_search.data.embedded_tasks import PREFERENCE_TASKS, TASKS
-
     d = cfg.data
     _choice(problems, "data.source", d.source, DATA_SOURCES)
     _choice(problems, "data.layout", d.layout, LAYOUTS)

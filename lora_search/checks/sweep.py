@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import difflib
 
+from lora_search.checks import sweep_settings
 from lora_search.checks.run_config import validate
-from lora_search.config import objectives
+from lora_search.config import objectives, samplers
 from lora_search.config import space as space_lib
+from lora_search.config.promotion_settings import SETTINGS
 from lora_search.config.schema import (
     GENERATION_METRICS,
     METRIC_DIRECTIONS,
@@ -18,7 +20,7 @@ from lora_search.config.schema import (
 )
 from lora_search.core.errors import ConfigError
 from lora_search.data import preference_pairs
-from lora_search.search import failures, memory_budget, samplers
+from lora_search.models.adapters import FIXED_BY_START
 
 METRICS = QUALITY_METRICS + ("train_tokens_per_s",)  # what sweep.metric accepts alone; costs go in sweep.objectives
 
@@ -26,8 +28,8 @@ METRICS = QUALITY_METRICS + ("train_tokens_per_s",)  # what sweep.metric accepts
 def check_sweep(cfg: RunConfig) -> None:
     """Every problem with the sweep file, raised once, before anything trains."""
     s = cfg.sweep
-    problems = space_lib.check_space(s.space) + space_lib.check_inits(cfg) + failures.check(s) + objectives.check(s) + \
-        memory_budget.check(s)
+    problems = space_lib.check_space(s.space) + space_lib.check_inits(cfg) + sweep_settings.max_failures_problems(s) + sweep_settings.objective_problems(s) + \
+        sweep_settings.memory_budget_problems(s)
     own = METRIC_DIRECTIONS.get(s.metric)
     if s.objectives:
         if s.nightly.enabled:
@@ -45,7 +47,7 @@ def check_sweep(cfg: RunConfig) -> None:
         close = difflib.get_close_matches(str(s.metric), METRICS, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         problems.append(f"sweep.metric must be one of {', '.join(METRICS)}; got {s.metric!r}{hint}")
-    problems += _method_problems(cfg) + _generation_problems(cfg) + samplers.check(cfg, len(s.objectives) or 1)
+    problems += _method_problems(cfg) + _generation_problems(cfg) + sweep_settings.sampler_problems(cfg, len(s.objectives) or 1)
     generated = [m for m, _ in objective_list(cfg) if m in GENERATION_METRICS]
     items = s.trial.get("trainer.exact_match_items", s.exact_match_items)
     if generated and not (isinstance(items, int) and items > 0):
@@ -56,21 +58,16 @@ def check_sweep(cfg: RunConfig) -> None:
     if not isinstance(s.n_trials, int) or s.n_trials < 1:
         problems.append(f"sweep.n_trials must be a positive integer, got {s.n_trials!r}")
     if s.nightly.enabled:
-        from lora_search.commands import nightly
-
-        problems.extend(nightly.check(s.nightly))
+        problems.extend(sweep_settings.nightly_problems(s.nightly))
     if s.timeout_s is not None and s.timeout_s <= 0:
         problems.append(f"sweep.timeout_s must be positive or null, got {s.timeout_s!r}")
     if not isinstance(s.heartbeat_s, int) or isinstance(s.heartbeat_s, bool) or s.heartbeat_s < 1:
         problems.append(f"sweep.heartbeat_s must be a positive integer (seconds between a worker's heartbeats), "
                         f"got {s.heartbeat_s!r}")
-    from lora_search.promote.promotion import SETTINGS as promote_settings
-    from lora_search.promote.promotion import check as promote_check
-
     for part in ("trial", "promotion"):
         problems.extend(f"sweep.{part}: {p}" for k in getattr(s, part)
-                        if k not in promote_settings or part != "promotion" if (p := space_lib.compose.check_key(k)))
-    problems.extend(promote_check(s.promotion))
+                        if k not in SETTINGS or part != "promotion" if (p := space_lib.compose.check_key(k)))
+    problems.extend(sweep_settings.promotion_problems(s.promotion))
     for entry in s.enqueue:
         problems.extend(f"sweep.enqueue: {p}" for k in entry if (p := space_lib.compose.check_key(k)))
     if problems:
@@ -91,8 +88,6 @@ def check_sweep(cfg: RunConfig) -> None:
 def _method_problems(cfg: RunConfig) -> list[str]:
     """The objective and the space against the trainer: preference metrics need dpo, perplexity needs sft, and a
     starting adapter fixes the LoRA structure."""
-    from lora_search.models.adapters import FIXED_BY_START
-
     s = cfg.sweep
     try:
         t = space_lib.trial_base(cfg).trainer

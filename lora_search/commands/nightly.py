@@ -13,39 +13,27 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
-import re
 import sys
 import time
 from pathlib import Path
 
 from optuna.trial import TrialState
 
-from lora_search.config.schema import NightlyConfig, RunConfig
+from lora_search.config.schema import RunConfig
 from lora_search.core import masking, records
 from lora_search.core.errors import LoraSearchError
 from lora_search.models import loaders
+from lora_search.promote import benchmark
+from lora_search.promote.benchmark import benchmark_stage
+from lora_search.promote.merge import free_memory, load_full_precision, merge_stage
 from lora_search.promote.promotion import load_best, promote_stage
-from lora_search.report import markdown
+from lora_search.report import markdown, wandb_summary
 from lora_search.search.study import finished, open_study, search_stage, study_dir
 from lora_search.train import tracking
 
 log = logging.getLogger(__name__)
 EXIT = {"no_change": 0, "new_champion": 3, "failed": 1}
 SCORED = ("eval_loss", "perplexity", "exact_match", "rouge_l", "bleu")  # metrics re-measured on tonight's data
-
-
-def check(n: NightlyConfig) -> list[str]:
-    """Problems with sweep.nightly."""
-    problems = []
-    if not isinstance(n.trials_per_night, int) or n.trials_per_night < 1:
-        problems.append(f"sweep.nightly.trials_per_night must be a positive integer, got {n.trials_per_night!r}")
-    if not isinstance(n.seed_top_k, int) or n.seed_top_k < 0:
-        problems.append(f"sweep.nightly.seed_top_k must be an integer >= 0, got {n.seed_top_k!r}")
-    if not isinstance(n.margin, (int, float)) or n.margin < 0:
-        problems.append(f"sweep.nightly.margin must be a fraction >= 0 (0.01 = 1%), got {n.margin!r}")
-    if n.night is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", str(n.night)):
-        problems.append(f"sweep.nightly.night names a folder: letters, digits, '.', '_' and '-' only; got {n.night!r}")
-    return problems
 
 
 def night_label(cfg: RunConfig) -> str:
@@ -90,9 +78,6 @@ def fingerprints(worker) -> dict:
 def score(cfg: RunConfig, adapter_dir: Path, data) -> float | None:
     """The sweep metric of an adapter on tonight's eval data (full precision base + the adapter)."""
     from peft import PeftModel
-
-    from lora_search.promote import benchmark
-    from lora_search.promote.merge import free_memory, load_full_precision
 
     metric = cfg.sweep.metric
     if metric not in SCORED or not (Path(adapter_dir) / "adapter_config.json").exists():
@@ -226,9 +211,6 @@ def _night(cfg: RunConfig, get_worker, overrides, night: str, night_dir: Path) -
 
 def _crown(full_cfg: RunConfig, night_dir: Path, data) -> None:
     """Merge and benchmark a new champion (only champions pay for it)."""
-    from lora_search.promote.benchmark import benchmark_stage
-    from lora_search.promote.merge import merge_stage
-
     merge_stage(full_cfg, night_dir, data)
     bench = benchmark_stage(full_cfg, night_dir, data)
     tracking.log_benchmark(full_cfg, study_dir(full_cfg), bench)
@@ -249,7 +231,7 @@ def _close(cfg: RunConfig, night_dir: Path, entry: dict, new_champion: dict | No
     try:
         write_night_report(cfg, night_dir, entry, champion)
         if entry["decision"] != "failed":
-            tracking.log_study(open_study(cfg), cfg, out, night_dir)
+            wandb_summary.log_study(open_study(cfg), cfg, out, night_dir)
     except Exception as e:  # noqa: BLE001 - a report problem must not hide the night's outcome
         log.warning("could not write the night's report: %s", e)
 

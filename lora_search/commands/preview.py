@@ -3,8 +3,11 @@ then the data report and token counts. Loads the tokenizer only, never model wei
 
 from __future__ import annotations
 
+from lora_search.checks.run_config import validate
+from lora_search.commands import preflight
 from lora_search.core.errors import ConfigError
 from lora_search.data import quality_report
+from lora_search.data.load import load_task_data
 from lora_search.models import loaders
 
 LEGEND = ("⟦ … ⟧ the completion: the tokens the loss is computed on (everything else is context, not trained)\n"
@@ -58,8 +61,6 @@ def _pair(row: dict, i: int, total: int, tokenizer, max_length: int) -> str:
 
 def preview(cfg, n_rows: int) -> str:
     """The preview text of a composed RunConfig."""
-    from lora_search.data.load import load_task_data
-
     data = load_task_data(cfg.data)
     tokenizer = loaders.load_tokenizer(cfg.model, cfg.cache_dir)
     max_length = cfg.trainer.max_length
@@ -87,9 +88,6 @@ def preview(cfg, n_rows: int) -> str:
 
 def main(overrides: list[str]) -> str:
     """Compose the command line's overrides as a run would, check them, and return the preview text."""
-    from lora_search.checks.run_config import validate
-    from lora_search.commands import preflight
-
     cfg = preflight.compose(list(overrides))
     rows = cfg.preview.rows
     if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:

@@ -42,69 +42,6 @@ def objectives(sweep) -> list[tuple[str, str]]:
     return [(sweep.metric, sweep.direction)]
 
 
-def _direction_problem(where: str, metric, direction) -> str | None:
-    own = METRIC_DIRECTIONS.get(metric)
-    if direction not in ("minimize", "maximize", "auto", None):
-        return f"{where}.direction must be minimize, maximize or auto (the metric's own), got {direction!r}"
-    if own and direction not in (own, "auto", None):
-        return (f"{where}.direction={direction} contradicts {metric}, which is {own[:-1]}ed; leave the direction out "
-                f"or set it to {own}")
-    return None
-
-
-def check(sweep) -> list[str]:
-    """Problems with sweep.objectives and the promotion rule, each naming the key."""
-    problems = []
-    names = []
-    for i, entry in enumerate(sweep.objectives or ()):
-        where = f"sweep.objectives[{i}]"
-        entry = {"metric": entry} if isinstance(entry, str) else entry
-        if not isinstance(entry, dict) or set(entry) - {"metric", "direction"}:
-            problems.append(f"{where} must be a metric name or {{metric: <name>, direction: minimize|maximize}}, "
-                            f"got {entry!r}")
-            continue
-        metric = entry.get("metric")
-        if metric not in METRIC_DIRECTIONS:
-            problems.append(f"{where}.metric must be one of {', '.join(METRIC_DIRECTIONS)}; got {metric!r}")
-            continue
-        if metric in names:
-            problems.append(f"{where}: {metric} is named twice in sweep.objectives")
-        names.append(metric)
-        problems += [p for p in [_direction_problem(where, metric, entry.get("direction"))] if p]
-    if sweep.objectives and names and not any(m in QUALITY_METRICS for m in names):
-        problems.append(f"sweep.objectives has costs only ({', '.join(names)}): name a quality metric too "
-                        f"({', '.join(QUALITY_METRICS)}), or the cheapest untrained-looking adapter wins")
-    if "select" in sweep.promotion:
-        allowed = names if sweep.objectives else [sweep.metric]
-        problems += check_rule(sweep.promotion["select"], allowed, "sweep.promotion.select")
-    return problems
-
-
-def check_rule(rule, allowed: list[str], where: str) -> list[str]:
-    """Problems with a promotion rule: every metric it names must be an objective of the study."""
-    if not isinstance(rule, dict) or "metric" not in rule or set(rule) - set(RULE_FIELDS):
-        return [f"{where} must be {{metric: <objective>, within: <fraction>, then: {{metric: <objective>}}}}, "
-                f"fields {', '.join(RULE_FIELDS)}; got {rule!r}"]
-    problems = []
-    metric = rule["metric"]
-    if metric not in allowed:
-        problems.append(f"{where}.metric={metric} is not an objective of this study (objectives: "
-                        f"{', '.join(allowed)}): a rule can only choose by what the study measured and optimized")
-    problem = _direction_problem(where, metric, rule.get("direction"))
-    if problem:
-        problems.append(problem)
-    within = rule.get("within")
-    if within is not None and (isinstance(within, bool) or not isinstance(within, (int, float)) or not 0 <= within < 1):
-        problems.append(f"{where}.within must be a fraction of the best value in [0, 1) (0.02: within 2%), "
-                        f"got {within!r}")
-    if rule.get("then") is not None:
-        problems += check_rule(rule["then"], allowed, f"{where}.then")
-    elif within is not None:
-        problems.append(f"{where}.within keeps the trials near the best {metric} for a next rule to choose among: "
-                        f"add {where}.then, e.g. then: {{metric: trainable_params}}, or leave within out")
-    return problems
-
-
 def values(trial, names: list[str]) -> dict:
     """A finished trial's objective values by metric name."""
     vals = trial.values or []

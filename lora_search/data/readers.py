@@ -13,10 +13,9 @@ import io
 import json
 from dataclasses import dataclass, field
 
-from lora_search.checks.run_config import (
-    DATA_SUFFIXES as FORMATS,  # suffix -> json | csv | parquet
-)
 from lora_search.core.errors import DataError
+
+DATA_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}  # suffix -> reader
 
 NESTED_COLUMNS = ("messages", "conversations")  # CSV cells of these columns hold a JSON list of messages
 # CSV cells of these columns hold text, or a JSON list of messages ([{"role": ..., "content": ...}], a dialogue):
@@ -223,9 +222,9 @@ def read_file(path: str, where: str, fmt: str | None = None) -> Table:
     """One file (a local path or an fsspec URL such as hf://...) in format fmt (default: from its suffix)."""
     import fsspec
 
-    fmt = fmt or FORMATS.get("." + str(path).rsplit(".", 1)[-1].lower())
+    fmt = fmt or DATA_SUFFIXES.get("." + str(path).rsplit(".", 1)[-1].lower())
     if fmt is None:
-        raise DataError(f"{where}: unsupported file type {path!r}; accepted: {', '.join(FORMATS)}")
+        raise DataError(f"{where}: unsupported file type {path!r}; accepted: {', '.join(DATA_SUFFIXES)}")
     try:
         with fsspec.open(path, "rb") as f:
             data = f.read()
@@ -287,3 +286,4 @@ def read_hub(path: str, subset: str | None, revision: str | None, splits: list[s
             raise _unreachable(path, e) from None
         out[split] = arrow_table(ds.data.table, label)
     return out
+

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from pathlib import Path
 
 import torch
 
@@ -203,3 +204,18 @@ def compact_lm_head(enabled: bool = True):
         yield True
     finally:
         trl_utils._use_triton = use_triton
+
+
+def init_adapter_dir(value: str, results_dir: str) -> tuple[Path | None, str | None]:
+    """trainer.init_adapter as a folder holding adapter_config.json: the folder itself, or the promoted adapter of
+    the study of that name (results/<study>/full/adapter); (None, the problem) when neither exists."""
+    folder = Path(value).expanduser()
+    study = Path(results_dir) / str(value) / "full" / "adapter"
+    for candidate in (folder, study):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate, None
+    if folder.is_dir():
+        return None, f"trainer.init_adapter: {value!r} is a folder without adapter_config.json (not a PEFT adapter)"
+    return None, (f"trainer.init_adapter: {value!r} is neither an adapter folder (with adapter_config.json) nor a "
+                  f"study with a promoted adapter ({study} does not exist); give the folder a `train` or promotion "
+                  "wrote, or the name of a study whose search and promotion finished")

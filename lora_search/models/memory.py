@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from lora_search.config.schema import RunConfig
+from lora_search.config.schema import RunConfig
+from lora_search.core import hardware
+from lora_search.models.adapters import target_modules
+from lora_search.models.loaders import meta_model
 
 MB = 2**20
 # CPU, fitted to 47 runs of SmolLM2-135M (3, 10 and 40 steps; benchmarks/memory_estimate.py) on x86-64 Linux,
@@ -65,8 +66,6 @@ def _shapes(arch) -> dict:
     """What the estimate needs from the architecture, read once off the meta-device module tree (no weights)."""
     key = arch.to_json_string()
     if key not in _cache:
-        from lora_search.models.loaders import meta_model
-
         model = meta_model(arch)
         modules, head = dict(model.named_modules()), model.get_output_embeddings()
         text = arch.get_text_config() if hasattr(arch, "get_text_config") else arch
@@ -99,7 +98,6 @@ def _mixed(cfg: RunConfig, device: str) -> bool:
     """Whether training autocasts to bf16/fp16 (trainer.precision as hardware.precision resolves it)."""
     if cfg.trainer.precision != "auto":
         return cfg.trainer.precision in ("bf16", "fp16")
-    from lora_search.core import hardware
 
     return device == "cuda" or hardware.cpu_has_bf16()
 
@@ -135,8 +133,6 @@ def base_mb(cfg: RunConfig, arch, device: str | None = None) -> float:
 
 def _modules(cfg: RunConfig, s: dict):
     """(name, in, out, bias?, rank) of every module the adapter wraps, matched as PEFT matches them."""
-    from lora_search.models.adapters import target_modules
-
     lora, targets = cfg.lora, target_modules(cfg.lora, cfg.model)
     layers = set(lora.layers_to_transform or [])
     for name, fan_in, fan_out, bias in s["adaptable"]:

@@ -26,7 +26,8 @@ from lora_search.core import hardware, records
 from lora_search.data.load import TaskData
 from lora_search.models import adapters, loaders
 from lora_search.promote.merge import free_memory, load_full_precision, weights_mb
-from lora_search.train import evaluate
+from lora_search.train import dpo, evaluate
+from lora_search.train.run import sft_config
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,6 @@ def latency(model, tokenizer, prompts: Prompts, max_new_tokens: int, repeats: in
 def eval_loss(model, tokenizer, cfg: RunConfig, data: TaskData) -> dict:
     """Eval loss and perplexity on every eval row, completion tokens only, through TRL's SFTTrainer as in training."""
     from trl import SFTTrainer
-
-    from lora_search.train.run import sft_config
 
     with tempfile.TemporaryDirectory() as tmp, adapters.trainer_patches_undone(model):
         # The training run's own SFTConfig: same formatting, truncation and precision as its evals.
@@ -148,8 +147,6 @@ def quantize_int8_dynamic(model):
 def preference(model, tokenizer, cfg: RunConfig, data: TaskData) -> dict:
     """Preference pairs: every eval pair's chosen and rejected log-probability (tokenized as DPOTrainer does), the
     preference accuracy and the mean margin."""
-    from lora_search.train import dpo
-
     pairs = dpo.tokenize_pairs(data.eval, tokenizer)
     chosen, rejected = dpo.pair_logps(model, tokenizer, pairs, cfg.trainer.max_length,
                                       max(1, cfg.trainer.eval_batch_size // 2))
@@ -241,7 +238,6 @@ def benchmark_stage(cfg: RunConfig, study_dir: Path, data: TaskData) -> dict:
     free_memory()
 
     if data.kind == "preference":  # the tuned model's rewards against the base, as DPO defines them
-        from lora_search.train import dpo
 
         base, tuned = report["base"], report["tuned"]
         report["tuned"].update(dpo.reward_against(tuned["chosen_logps"], tuned["rejected_logps"], base["chosen_logps"],

@@ -17,10 +17,12 @@ from optuna.trial import TrialState
 
 from lora_search.config import compose, objectives
 from lora_search.config import space as space_lib
+from lora_search.config.promotion_settings import SEEDS, SETTINGS, TOP_K
 from lora_search.config.schema import RunConfig
-from lora_search.core import records
+from lora_search.core import records, stats
 from lora_search.core.errors import ConfigError
 from lora_search.promote import weights
+from lora_search.search.study import best_trial, objective_list, study_dir
 from lora_search.train import tracking
 from lora_search.train.run import train_adapter
 
@@ -40,14 +42,12 @@ def choose(cfg: RunConfig, study) -> tuple[object, dict]:
     """The trial to promote and how it was chosen: the best trial, or, with several objectives or a
     sweep.promotion.select rule, the rule applied to the Pareto front (feasible trials only), with each other
     candidate's reason for losing. (None, {}) when no trial is complete."""
-    from lora_search.search.study import best_trial, objective_list
-
-    objectives = objective_list(cfg)
-    names = [m for m, _ in objectives]
+    pairs = objective_list(cfg)
+    names = [m for m, _ in pairs]
     rule = cfg.sweep.promotion.get("select")
     if len(names) == 1 and not rule:
         best = best_trial(study)
-        return best, ({"rule": None, "rule_text": objectives.describe(None, objectives[0]), "chosen": best.number,
+        return best, ({"rule": None, "rule_text": objectives.describe(None, pairs[0]), "chosen": best.number,
                        "candidates": []} if best else {})
     if len(names) > 1:
         pool = study.best_trials  # the Pareto front, feasible trials only
@@ -57,17 +57,15 @@ def choose(cfg: RunConfig, study) -> tuple[object, dict]:
         pool = _get_feasible_trials(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     if not pool:
         return None, {}
-    chosen, lost = objectives.select(pool, names, rule, objectives[0])
+    chosen, lost = objectives.select(pool, names, rule, pairs[0])
     candidates = [{"trial": t.number, "values": objectives.values(t, names), "params": t.params,
                    "outcome": "chosen" if t is chosen else lost.get(t.number, "")} for t in pool]
-    return chosen, {"rule": rule, "rule_text": objectives.describe(rule, objectives[0]), "chosen": chosen.number,
+    return chosen, {"rule": rule, "rule_text": objectives.describe(rule, pairs[0]), "chosen": chosen.number,
                     "front" if len(names) > 1 else "candidates": candidates}
 
 
 def primary_value(cfg: RunConfig, trial) -> float | None:
     """A trial's value of sweep.metric (with several objectives, that objective's)."""
-    from lora_search.search.study import objective_list
-
     names = [m for m, _ in objective_list(cfg)]
     return objectives.values(trial, names).get(cfg.sweep.metric, trial.user_attrs.get(cfg.sweep.metric))
 
@@ -86,25 +84,12 @@ def load_best(study_dir: Path) -> RunConfig:
     return compose.to_run_config(node)
 
 
-SETTINGS = ("select", "top_k", "seeds")  # sweep.promotion entries that are settings of the promotion, not config keys
-TOP_K, SEEDS = 3, 1  # the defaults: the 3 best trials re-trained at the full budget, one seed each
 
 
 def settings(cfg: RunConfig) -> tuple[int, int]:
     """(top_k, seeds) from sweep.promotion (checked by sweepcheck: positive integers)."""
     p = cfg.sweep.promotion
     return int(p.get("top_k", TOP_K)), int(p.get("seeds", SEEDS))
-
-
-def check(promotion: dict) -> list[str]:
-    """Problems with sweep.promotion's top_k and seeds."""
-    problems = []
-    for name, meaning in (("top_k", "how many of the best trials are re-trained at the promotion budget"),
-                          ("seeds", "how many training seeds each of them runs with")):
-        value = promotion.get(name, 1)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            problems.append(f"sweep.promotion.{name} must be a positive integer ({meaning}), got {value!r}")
-    return problems
 
 
 def _params_key(trial) -> str:
@@ -116,8 +101,6 @@ def candidates(cfg: RunConfig, study, best, pool=None) -> list:
     with other params, top_k in all. One objective and no promotion rule only: a rule or a Pareto front already
     picks its one trial by what it states."""
     from optuna.study._constrained_optimization import _get_feasible_trials
-
-    from lora_search.search.study import objective_list
 
     k, _ = settings(cfg)
     if k <= 1 or len(objective_list(cfg)) > 1 or cfg.sweep.promotion.get("select"):
@@ -178,15 +161,14 @@ def _spread(values: list[float]) -> dict:
 
 def agreement(cfg: RunConfig, rows: list[dict]) -> dict:
     """Spearman between the candidates' trial scores and their full-run scores (means over seeds), and the warning
-    when short trials mislead (below confidence.AGREEMENT_WARN)."""
-    from lora_search.report import confidence
+    when short trials mislead (below AGREEMENT_WARN)."""
 
     pairs = [(c["trial_value"], c["full_mean"]) for c in rows if c["full_mean"] is not None]
-    rho = confidence.spearman([a for a, _ in pairs], [b for _, b in pairs])
+    rho = stats.spearman([a for a, _ in pairs], [b for _, b in pairs])
     warning = None
-    if rho is not None and rho < confidence.AGREEMENT_WARN:
+    if rho is not None and rho < AGREEMENT_WARN:
         warning = (f"short trials mislead here: the {len(pairs)} best trials' scores and their full runs' rank "
-                   f"correlation is {rho:.2f} (below {confidence.AGREEMENT_WARN}); raise the trial budget (sweep.trial's "
+                   f"correlation is {rho:.2f} (below {AGREEMENT_WARN}); raise the trial budget (sweep.trial's "
                    "trainer.max_steps) so trials rank configurations as full runs do")
     return {"spearman": rho, "pairs": len(pairs), "warning": warning}
 
@@ -198,8 +180,6 @@ def promote_stage(cfg: RunConfig, study, get_worker, force: bool = False, out: P
     and record how well trial scores predicted full-run scores. Writes best.yaml, best.json, full/ (the promoted
     run: adapter, metrics, weights.json) and full/runs/<trial>-seed<seed>/ (every full run) under out (default
     results/<study>/); runs already done are skipped. get_worker(config) -> the Worker for a full run's config."""
-    from lora_search.search.study import study_dir
-
     selection = {}
     if best is None:
         best, selection = choose(cfg, study)
@@ -278,6 +258,7 @@ def promote_stage(cfg: RunConfig, study, get_worker, force: bool = False, out: P
 
 
 def _values(cfg: RunConfig, trial) -> dict:
-    from lora_search.search.study import objective_list
-
     return objectives.values(trial, [m for m, _ in objective_list(cfg)])
+
+
+AGREEMENT_WARN = 0.6  # Spearman between short-trial and full-run scores below this: short trials mislead

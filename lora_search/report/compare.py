@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from lora_search.core import masking, records
 from lora_search.core.errors import ConfigError
-from lora_search.report.markdown import table
+from lora_search.report.tables import table
 
 log = logging.getLogger(__name__)
 STUDY_HEADER = ["study", "model", "data", "metric", "best", "best params", "complete", "pruned", "failed",

@@ -10,28 +10,13 @@ from pathlib import Path
 import optuna
 
 from lora_search.core import records
-from lora_search.promote import weights
-from lora_search.report import confidence, plots
+from lora_search.report import confidence, importance, plots, weights_section
 from lora_search.report import html_page as page
-
-
-def _cell(value) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return " ".join(str(value).split()).replace("|", "/")  # one table row: a multi-line reason is flattened
+from lora_search.report.tables import cell, table
 
 
 def _kind(spec) -> str:
     return spec if isinstance(spec, str) else spec.get("type")
-
-
-def table(header: list[str], rows: list[list]) -> str:
-    """A markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def trial_rows(study: optuna.Study, metric: str) -> tuple[list[str], list[list]]:
@@ -72,7 +57,7 @@ def _front_section(study: optuna.Study, best: dict | None) -> list[str]:
     sel = (best or {}).get("selection") or {}
     verdict = {c["trial"]: c["outcome"] for c in sel.get("front", [])}
     front = sorted(study.best_trials, key=lambda t: t.number)
-    rows = [[t.number, *t.values, ", ".join(f"{k.split('.')[-1]}={_cell(v)}" for k, v in t.params.items()),
+    rows = [[t.number, *t.values, ", ".join(f"{k.split('.')[-1]}={cell(v)}" for k, v in t.params.items()),
              verdict.get(t.number, "")] for t in front]
     lines = ["## Pareto front", "",
              f"{len(front)} trial(s) no other trial beats on every objective ({', '.join(names)}); trials over the "
@@ -101,15 +86,15 @@ def _benchmark_section(bench: dict) -> list[str]:
 def _search_sections(shares: dict, drawn: dict, metric: str, n_complete: int, intervals: dict) -> list[str]:
     lines = []
     if shares:
-        level = f"{confidence.LEVEL:.0%} interval"
-        rows = [[k, plots.readable(k), f"{v:.0%}",
+        level = f"{importance.LEVEL:.0%} interval"
+        rows = [[k, importance.readable(k), f"{v:.0%}",
                  f"{100 * intervals[k][0]:.0f}-{intervals[k][1]:.0%}" if k in intervals else "not estimated"]
                 for k, v in shares.items()]
-        how = (f"The interval is the middle {confidence.LEVEL:.0%} of the shares re-estimated on {confidence.RESAMPLES} "
+        how = (f"The interval is the middle {importance.LEVEL:.0%} of the shares re-estimated on {importance.RESAMPLES} "
                f"bootstrap resamples of the {n_complete} complete trials; a parameter is ranked above another only "
                "where its interval lies wholly above the other's." if intervals else
                "No interval could be estimated from these trials (too few, or too alike): read no order into them.")
-        lines += ["## Parameter importances", "", f"{plots.method_description(n_complete=n_complete)}. {how}", "",
+        lines += ["## Parameter importances", "", f"{importance.method_description(n_complete=n_complete)}. {how}", "",
                   table(["parameter", "name", "share", level], rows), ""]
     if drawn:
         lines += ["## Plots", ""]
@@ -126,13 +111,13 @@ def _promotion_section(metric: str, full: dict, out: Path) -> list[str]:
     lines = ["## Promotion", "",
              f"The promoted full run ({full['steps']} steps) reached {metric} {full['full_value']:.4f}, against "
              f"{full['trial_value']:.4f} in its trial ({'+' if delta >= 0 else ''}{delta:.4f}); "
-             f"exact match {_cell(full.get('exact_match'))}. Adapter: `{out / 'full' / 'adapter'}`.", ""]
+             f"exact match {cell(full.get('exact_match'))}. Adapter: `{out / 'full' / 'adapter'}`.", ""]
     rows = promo.get("candidates") or []
     seeds = promo.get("seeds") or []
     if len(seeds) > 1 and full.get("full_mean") is not None:
         lines += [f"Over {len(seeds)} training seeds ({', '.join(map(str, seeds))}) the promoted configuration's "
-                  f"{metric} is {full['full_mean']:.4f} +/- {_cell(full.get('full_sd'))} (mean +/- standard "
-                  f"deviation; runs: {', '.join(_cell(v) for v in full.get('full_values') or [])}).", ""]
+                  f"{metric} is {full['full_mean']:.4f} +/- {cell(full.get('full_sd'))} (mean +/- standard "
+                  f"deviation; runs: {', '.join(cell(v) for v in full.get('full_values') or [])}).", ""]
     if len(rows) > 1:
         head = ["#", f"trial {metric}", f"full-run {metric}" + (" (mean)" if len(seeds) > 1 else "")]
         head += ["sd"] if len(seeds) > 1 else []
@@ -154,9 +139,9 @@ def write_report(study: optuna.Study, cfg, out: Path, title: str | None = None, 
     s = cfg.sweep
     states = ["infeasible" if t.user_attrs.get("status") == "infeasible" else t.state.name.lower()
               for t in study.get_trials(deepcopy=False)]
-    shares, drawn = plots.importances(study, cfg.sweep.metric), plots.write_plots(study, cfg, out)
+    shares, drawn = importance.importances(study, cfg.sweep.metric), plots.write_plots(study, cfg, out)
     n_complete = states.count("complete")
-    intervals = confidence.importance_intervals(study, shares, cfg.sweep.metric)
+    intervals = importance.importance_intervals(study, shares, cfg.sweep.metric)
     noise = confidence.noise_sentence(confidence.noise(study, cfg.sweep.metric), cfg.sweep.metric)
     counts = ", ".join(f"{states.count(k)} {k}" for k in ("complete", "pruned", "infeasible", "fail", "running")
                       if k in states)
@@ -164,11 +149,11 @@ def write_report(study: optuna.Study, cfg, out: Path, title: str | None = None, 
     several = len(study.directions) > 1
     objective = (f"objectives: {', '.join(f'{d.name.lower()} `{m}`' for d, m in zip(study.directions, study.metric_names or []))}"
                  if several else f"objective: {s.direction} `{s.metric}`")
-    budget = f"; memory budget {_cell(s.memory_budget_mb)} MB" if s.memory_budget_mb is not None else ""
+    budget = f"; memory budget {cell(s.memory_budget_mb)} MB" if s.memory_budget_mb is not None else ""
     lines = [f"# {title}", "", *preface,
              f"Model `{cfg.model.name}`, data `{cfg.data.name}`, quantization `{cfg.quant.name}`; {objective}; "
              f"sampler {_kind(s.sampler)}, pruner {'none (several objectives)' if several else _kind(s.pruner)}{budget}.",
-             "", f"**What mattered.** {plots.importance_sentence(shares, s.metric, n_complete=n_complete, intervals=intervals)}",
+             "", f"**What mattered.** {importance.importance_sentence(shares, s.metric, n_complete=n_complete, intervals=intervals)}",
              "", *([f"**Eval noise.** {noise}", ""] if noise else []),
              f"## Trials ({len(states)}: {counts})", ""]
     header, rows = trial_rows(study, s.metric)
@@ -188,12 +173,12 @@ def write_report(study: optuna.Study, cfg, out: Path, title: str | None = None, 
         lines += _promotion_section(s.metric, full, out)
     analysis = records.read_json(out / "full" / "weights.json")
     if analysis:
-        lines += [*weights.report_lines(analysis, "plots"), ""]
+        lines += [*weights_section.report_lines(analysis, "plots"), ""]
     merge = records.read_json(out / "merge.json")
     if merge:
-        lines += ["## Merge", "", f"Merged model: `{merge.get('merged_dir')}` ({_cell(merge.get('merged_size_mb'))} MB; "
-                  f"adapter {_cell(merge.get('adapter_size_mb'))} MB); merged and unmerged logits differ by at most "
-                  f"{_cell(merge.get('max_logit_diff'))}.", ""]
+        lines += ["## Merge", "", f"Merged model: `{merge.get('merged_dir')}` ({cell(merge.get('merged_size_mb'))} MB; "
+                  f"adapter {cell(merge.get('adapter_size_mb'))} MB); merged and unmerged logits differ by at most "
+                  f"{cell(merge.get('max_logit_diff'))}.", ""]
     bench = records.read_json(out / "benchmark.json")
     if bench:
         lines += _benchmark_section(bench)

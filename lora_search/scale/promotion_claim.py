@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import optuna
 
 from lora_search.config.schema import RunConfig
+from lora_search.core import processes
+from lora_search.scale import slots
 from lora_search.scale.workers import worker_id
-from lora_search.search import failures, progress
 
 log = logging.getLogger(__name__)
 RUNNING, DONE, FAILED = "running", "done", "failed"
@@ -47,7 +48,7 @@ def _alive(attrs: dict, stale_s: float) -> bool:
     """Whether a running claim's process still lives: by pid on this machine (guard's check, which also catches a
     reused pid), else by its heartbeat."""
     if attrs.get("host") == socket.gethostname() and attrs.get("pid"):
-        return failures._alive(int(attrs["pid"]), datetime.datetime.fromisoformat(attrs["at"]) if attrs.get("at") else None)
+        return processes.alive(int(attrs["pid"]), datetime.datetime.fromisoformat(attrs["at"]) if attrs.get("at") else None)
     return time.time() - float(attrs.get("heartbeat") or 0) <= stale_s
 
 
@@ -71,7 +72,7 @@ def take(study: optuna.Study, cfg: RunConfig, results_dir: str, poll_s: float = 
     process cannot be checked from here: a replacement pod or job must not skip a promotion whose claimer was
     killed); one held by a live process on this machine is returned at once."""
     storage = study._storage
-    count = len(progress.finished(study))
+    count = len(slots.finished(study))
     stale_s = 3 * cfg.sweep.heartbeat_s
     generation = 1
     while True:
@@ -138,7 +139,7 @@ def describe(claim: Claim) -> str:
             f"{a.get('host')})")
 
 
-def wait_for_search(study: optuna.Study, out, poll_s: float = progress.POLL_S) -> None:
+def wait_for_search(study: optuna.Study, out, poll_s: float = slots.POLL_S) -> None:
     """Before claiming: wait for trials still running in other workers (a timeout can end workers at different
     times), failing those of dead workers."""
     from optuna.trial import TrialState
@@ -153,5 +154,5 @@ def wait_for_search(study: optuna.Study, out, poll_s: float = progress.POLL_S) -
         if not said:
             log.info("waiting for %d trial(s) still running in other workers before promoting", len(running))
             said = True
-        progress._reap(study, out)
+        slots._reap(study, out)
         time.sleep(poll_s)

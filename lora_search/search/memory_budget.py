@@ -14,12 +14,14 @@ import logging
 
 import optuna
 
-from lora_search.models import loaders
+from lora_search.models import loaders, memory
+from lora_search.scale import slots
+from lora_search.search.failures import TooManyFailures
+from lora_search.train.run import _tokenized_key
 
 log = logging.getLogger(__name__)
 CONSTRAINT = "memory_mb"  # the constraint's name: estimated (or measured) peak minus the budget, MB
 SCALE_ATTR = "memory_estimate_scale"  # the study's correction of memory.estimate, from trials that ran out
-INFEASIBLE = "infeasible"  # the status (user attr and status.json) of a trial skipped or out of memory
 MARGIN = 1.05  # an out-of-memory trial's configuration is then predicted 5% over the budget it broke
 _resolved: dict = {}  # "auto" -> this process's budget, resolved once (before the base loads)
 
@@ -32,15 +34,6 @@ class Infeasible(optuna.TrialPruned):
         super().__init__(reason)
 
 
-def check(sweep) -> list[str]:
-    """Problems with sweep.memory_budget_mb (a number of MB, auto, or null)."""
-    b = sweep.memory_budget_mb
-    if b is None or b == "auto" or (isinstance(b, (int, float)) and not isinstance(b, bool) and b > 0):
-        return []
-    return [f"sweep.memory_budget_mb must be a positive number of MB, auto (the free memory at the start) or null "
-            f"(no budget); got {b!r}"]
-
-
 def budget_mb(cfg) -> float | None:
     """The budget in MB, `auto` resolved to the device's free memory the first time it is asked (call it before
     the base loads: preflight does)."""
@@ -48,8 +41,6 @@ def budget_mb(cfg) -> float | None:
     if b != "auto":
         return float(b) if b is not None else None
     if "auto" not in _resolved:
-        from lora_search.models import memory
-
         _resolved["auto"] = memory.auto_budget_mb()
         log.info("memory budget auto: %.0f MB free at the start", _resolved["auto"])
     return _resolved["auto"]
@@ -60,7 +51,6 @@ def base_problem(cfg, arch) -> str | None:
     budget = budget_mb(cfg)
     if budget is None:
         return None
-    from lora_search.models import memory
 
     base = memory.base_mb(cfg, arch)
     if budget <= base:
@@ -85,8 +75,6 @@ def row_lengths(rows, method: str) -> dict:
 def worker_lengths(worker, cfg) -> dict:
     """row_lengths of the rows the worker tokenized for cfg, {} when it has not (the estimate then takes
     trainer.max_length for every row: an upper bound)."""
-    from lora_search.train.run import _tokenized_key
-
     tokenized = worker.tokenized.get(_tokenized_key(cfg, worker.base.model))
     try:
         return row_lengths(tokenized[0], cfg.trainer.method) if tokenized else {}
@@ -105,8 +93,6 @@ class Estimator:
 
     def __call__(self, study: optuna.Study, cfg) -> tuple:
         """(scaled total MB, the raw memory.Estimate, the scale)."""
-        from lora_search.models import memory
-
         key = repr(cfg.model)
         if key not in self._arch:
             self._arch[key] = loaders.architecture(cfg.model, self.cache_dir)
@@ -176,14 +162,7 @@ def _raise_scale(study: optuna.Study, figures: dict, needed_mb: float) -> None:
 
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether an error is running out of memory (memory.is_out_of_memory)."""
-    from lora_search.models import memory
-
     return memory.is_out_of_memory(error)
-
-
-def is_infeasible(frozen) -> bool:
-    """Whether a finished trial was recorded infeasible (it does not count toward n_trials)."""
-    return frozen.user_attrs.get("status") == INFEASIBLE
 
 
 class InfeasibleLimit:
@@ -193,14 +172,12 @@ class InfeasibleLimit:
         self.limit, self.run = limit, 0
 
     def __call__(self, study: optuna.Study, frozen) -> None:
-        self.run = self.run + 1 if is_infeasible(frozen) else 0
+        self.run = self.run + 1 if slots.is_infeasible(frozen) else 0
         if self.run >= self.limit:
             study.stop()
 
     def check(self, budget) -> None:
         """Raise TooManyFailures when the limit stopped the study."""
-        from lora_search.search.failures import TooManyFailures
-
         if self.run >= self.limit:
             raise TooManyFailures(f"{self.run} configurations in a row were over sweep.memory_budget_mb={budget}: "
                                   "the space is mostly out of reach; raise the budget, quantize (quant=nf4), or "

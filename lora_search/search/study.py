@@ -14,21 +14,23 @@ import sqlalchemy
 from lora_search.checks import sweep
 from lora_search.checks.run_config import validate
 from lora_search.checks.sweep import check_sweep, objective_list
+from lora_search.config import samplers
 from lora_search.config import space as space_lib
 from lora_search.config.schema import RunConfig
 from lora_search.core import records
 from lora_search.core.errors import ConfigError
-from lora_search.scale import storage, workers
+from lora_search.scale import dead_workers, slots, storage, workers
+from lora_search.scale.slots import StopAt, finished
 from lora_search.scale.workers import worker_id
-from lora_search.search import failures, memory_budget, progress, samplers
-from lora_search.search.progress import StopAt, finished, progress_callback
+from lora_search.search import failures, interrupts, memory_budget
+from lora_search.search.progress import progress_callback
 from lora_search.train import tracking
 from lora_search.train.pruning import LOGP_MARGIN, PruningCallback, TrialStopped
 from lora_search.train.run import prepare_data, train_adapter, trained_on
 
 log = logging.getLogger(__name__)
 SAMPLERS, PRUNERS = samplers.SAMPLERS, samplers.PRUNERS
-FINISHED = progress.FINISHED  # complete and pruned (progress.finished leaves the infeasible ones out)
+FINISHED = slots.FINISHED  # complete and pruned (slots.finished leaves the infeasible ones out)
 METRICS = sweep.METRICS  # what sweep.metric accepts alone
 # Keys that change how the data is tokenized (train.data_key), or which base and data a trial gets (pipeline.Workers):
 # a space over them has no one copy to prepare up front
@@ -141,10 +143,10 @@ def objective_fn(cfg: RunConfig, get_worker):
 
     def objective(trial: optuna.Trial):
         try:  # several workers: train only when the study has room for this trial (progress.py, slots)
-            progress.admit(trial.study, trial, cfg.sweep.n_trials, study_dir(cfg))
-        except progress.NotNeeded as e:
+            slots.admit(trial.study, trial, cfg.sweep.n_trials, study_dir(cfg))
+        except slots.NotNeeded as e:
             trial.set_user_attr("worker", worker_id())
-            _set_attrs(trial, {}, progress.NOT_NEEDED, str(e))
+            _set_attrs(trial, {}, slots.NOT_NEEDED, str(e))
             raise RuntimeError(str(e)) from None
         t0 = time.perf_counter()
         params = space_lib.suggest(trial, cfg.sweep.space)
@@ -175,7 +177,7 @@ def objective_fn(cfg: RunConfig, get_worker):
             metrics["over_budget"] = memory_budget.after_training(trial, trial_cfg, memo, metrics.get("peak_memory_mb"))
         except memory_budget.Infeasible as skip:
             memo, metrics = skip.figures, {**metrics, "wall_s": time.perf_counter() - t0}
-            status, reason = memory_budget.INFEASIBLE, skip.reason
+            status, reason = slots.INFEASIBLE, skip.reason
             raise
         except TrialStopped as stop:
             metrics = {"wall_s": time.perf_counter() - t0, "pruned_at_step": stop.step}
@@ -186,11 +188,11 @@ def objective_fn(cfg: RunConfig, get_worker):
             reason = f"{type(e).__name__}: {e}"
             # with a memory budget: recorded infeasible, and the estimates corrected (without one: a failure)
             if memo.get("memory_budget_mb") is not None and memory_budget.is_out_of_memory(e):
-                status, reason = memory_budget.INFEASIBLE, (skip := memory_budget.out_of_memory(trial, memo, e)).reason
+                status, reason = slots.INFEASIBLE, (skip := memory_budget.out_of_memory(trial, memo, e)).reason
                 raise skip from None
             raise
-        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (failures.Interrupted): optuna marks the trial FAIL and re-raises
-            metrics, reason = {"wall_s": time.perf_counter() - t0}, failures.INTERRUPTED
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM (interrupts.Interrupted): optuna marks the trial FAIL and re-raises
+            metrics, reason = {"wall_s": time.perf_counter() - t0}, interrupts.INTERRUPTED
             raise
         finally:
             _record(out, trial.number, params, trial_cfg, {**used, **memo, **metrics}, status, reason, callback)
@@ -211,13 +213,13 @@ def search_stage(cfg: RunConfig, get_worker, overrides: list[str] = ()) -> optun
     """
     check_sweep(cfg)
     study = open_study(cfg)
-    failures.fail_dead_workers(study, study_dir(cfg))  # trials left RUNNING by a killed worker on this machine
+    dead_workers.fail_dead_workers(study, study_dir(cfg))  # trials left RUNNING by a killed worker on this machine
     storage.check_sharing(study, storage_url(cfg))  # SQLite is not shared by several machines
     done = len(finished(study))
     if done >= cfg.sweep.n_trials:
         log.info("study %s already has %d finished trials (n_trials=%d): nothing to search", cfg.sweep.name, done,
                  cfg.sweep.n_trials)
-        progress.drop_retries(study)
+        slots.drop_retries(study)
         return study
     _enqueue(study, cfg)
     log.info("study %s: %d of %d trials finished; storage %s", cfg.sweep.name, done, cfg.sweep.n_trials,
@@ -229,12 +231,12 @@ def search_stage(cfg: RunConfig, get_worker, overrides: list[str] = ()) -> optun
     if len(objective_list(cfg)) > 1 and samplers.spec(cfg.sweep.pruner).get("type") != "none":
         log.info("several objectives: Optuna's pruners are single-objective, so sweep.pruner is not used (a diverging "
                  "trial still stops)")
-    with failures.stopping(study, study_dir(cfg), procs):  # interrupted or failing: records kept, workers stopped
+    with interrupts.stopping(study, study_dir(cfg), procs):  # interrupted or failing: records kept, workers stopped
         objective = objective_fn(cfg, get_worker)  # loads the base and tokenizes the data before the first trial
         started = time.perf_counter()
         deadline = time.monotonic() + cfg.sweep.timeout_s if cfg.sweep.timeout_s else None
         stop_at = StopAt(cfg.sweep.n_trials, study_dir(cfg), deadline)
-        if progress.wait_for_slot(study, cfg.sweep.n_trials, study_dir(cfg), deadline=deadline):
+        if slots.wait_for_slot(study, cfg.sweep.n_trials, study_dir(cfg), deadline=deadline):
             study.optimize(
                 objective,
                 timeout=cfg.sweep.timeout_s,
@@ -248,7 +250,7 @@ def search_stage(cfg: RunConfig, get_worker, overrides: list[str] = ()) -> optun
         unreachable.check(cfg.sweep.memory_budget_mb)
     workers.wait(procs)
     if len(finished(study)) >= cfg.sweep.n_trials:
-        progress.drop_retries(study)
+        slots.drop_retries(study)
     return study
 
 

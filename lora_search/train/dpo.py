@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 
 from lora_search.config.schema import RunConfig
+from lora_search.data.quality_report import pair_tokens
+from lora_search.train.sft import common_arguments
 
 log = logging.getLogger(__name__)
 REF = "ref"  # the adapter name TRL 1.16 gives its reference copy
@@ -27,8 +29,6 @@ REF = "ref"  # the adapter name TRL 1.16 gives its reference copy
 def dpo_config(cfg: RunConfig, out_dir: Path, report_to: list[str]):
     """TRL's DPOConfig for a run config (DPOConfig's own defaults differ: checkpointing and bf16 on, lr 1e-6)."""
     from trl import DPOConfig
-
-    from lora_search.train.sft import common_arguments
 
     t = cfg.trainer
     return DPOConfig(**common_arguments(cfg, out_dir, report_to), beta=t.beta, loss_type=[t.loss_type],
@@ -79,8 +79,6 @@ def reward_metrics(result: dict) -> dict:
 def tokenize_pairs(rows, tokenizer) -> list[dict]:
     """Pairs as DPOTrainer tokenizes them (prompt_ids, chosen_ids, rejected_ids): datareport.pair_tokens, which
     uses TRL's own tokenization helpers."""
-    from lora_search.data.quality_report import pair_tokens
-
     out = []
     for row in rows:
         chosen, rejected, start = pair_tokens(row, tokenizer)

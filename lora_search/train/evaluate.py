@@ -140,3 +140,31 @@ def final_eval(trainer, cfg: RunConfig, full_eval, evals: dict) -> dict:
     if last and last[0] == trainer.state.global_step and last[1]:
         return last[2]
     return trainer.evaluate()
+
+
+@torch.inference_mode()
+def row_losses(trainer, model, dataset, chunk: int = 4) -> list[float]:
+    """Each eval row's mean loss over its labelled (completion) tokens, in row order: one extra forward pass over
+    the rows the final eval scored (TRL's fused LM head gives the eval loss but no logits, and TRL deprecates
+    compute_metrics on logits for that reason). Rows with no labelled token are left out."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        device = next(model.parameters()).device
+        loader = trainer.get_eval_dataloader(dataset)
+        for batch in loader:
+            labels = batch["labels"]
+            for start in range(0, len(labels), chunk):  # a few rows at a time: the logits span the vocabulary
+                part = {k: v[start:start + chunk].to(device) for k, v in batch.items()
+                        if k in ("input_ids", "attention_mask", "position_ids") and hasattr(v, "to")}
+                logits = model(**part).logits[:, :-1, :].float()
+                target = labels[start:start + chunk, 1:].to(device)
+                nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target.clamp(min=0), reduction="none")
+                mask = target != -100
+                for row, keep in zip(nll, mask):
+                    if keep.any():
+                        out.append(float(row[keep].mean()))
+    finally:
+        model.train(was_training)
+    return out

@@ -16,13 +16,12 @@ from pathlib import Path
 
 import torch
 
-from lora_search.checks.run_config import init_adapter_dir
 from lora_search.config.schema import GENERATION_METRICS, RunConfig
-from lora_search.core import hardware
+from lora_search.core import hardware, stats
 from lora_search.data.load import TaskData
 from lora_search.models import adapters
+from lora_search.models.adapters import init_adapter_dir
 from lora_search.models.loaders import Base
-from lora_search.report import confidence
 from lora_search.train import dpo, evaluate
 from lora_search.train.evaluate import StepTimer, final_eval, timed_evaluate
 from lora_search.train.sft import data_key, make_trainer, padding_free, sft_config  # noqa: F401 (padding_free: tests)
@@ -206,10 +205,10 @@ def _train(worker: Worker, cfg: RunConfig, out_dir: Path, callbacks, report_to, 
         rows = None
         if cfg.trainer.method == "sft" and not trainer.args.padding_free and rows_if and rows_if(final["eval_loss"]):
             scored = full_eval if cfg.trainer.final_eval == "full" else trainer.eval_dataset
-            rows = confidence.row_losses(trainer, peft_model, scored)  # the eval noise (padding-free: one flat row)
+            rows = evaluate.row_losses(trainer, peft_model, scored)  # the eval noise (padding-free: one flat row)
         if rows and len(rows) > 1:
             metrics.update({"eval_row_losses": [round(x, 5) for x in rows], "eval_loss_rows": len(rows),
-                            "eval_loss_se": confidence.standard_error(rows)})
+                            "eval_loss_se": stats.standard_error(rows)})
         metrics.update({
             "eval_loss": final["eval_loss"],
             "perplexity": math.exp(min(final["eval_loss"], 50)) if cfg.trainer.method == "sft" else None,

@@ -184,26 +184,6 @@ def log_benchmark(cfg: RunConfig, out: Path, bench: dict) -> None:
     finish(run, {n: bench[n] for n in names})
 
 
-def log_study(study, cfg: RunConfig, out: Path, report_dir: Path | None = None) -> None:
-    """The sweep summary run for a study, with the plots of the report in report_dir (default out)."""
-    if not enabled(cfg):
-        return
-    from lora_search.core import records
-    from lora_search.promote import weights
-    from lora_search.report import plots
-
-    summary = plots.summary(study, cfg.sweep.metric)
-    promotion = (records.read_json(Path(out) / "full" / "metrics.json") or {}).get("promotion") or {}
-    if promotion:  # how well the short trials ranked the full runs, and which trial won at the full budget
-        summary.update({"promotion/spearman": promotion.get("spearman"), "promotion/top_k": promotion.get("top_k"),
-                        "promotion/chosen": promotion.get("chosen"), "promotion/best_trial": promotion.get("best_trial")})
-    analysis = records.read_json(Path(out) / "full" / "weights.json")
-    if analysis:  # what the promoted adapter learned (weights.py): its heatmaps come with the report's plots
-        summary.update(weights.wandb_summary(analysis))
-    pngs = {p.stem: p for p in sorted(Path(report_dir or out).glob("plots/*.png"))}
-    log_sweep_summary(cfg, out, summary, summary.get("importances") or {}, pngs)
-
-
 def log_sweep_summary(cfg: RunConfig, out: Path, summary: dict, importances: dict, plots: dict) -> None:
     """One run (job type `summary`): best params and value, the importance table, the report's plots."""
     run = start(cfg, out, f"summary-{cfg.sweep.name}", "summary",

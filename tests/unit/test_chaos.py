@@ -18,7 +18,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from lora_search.search import progress
+from lora_search.scale import slots
 
 pytestmark = pytest.mark.slow  # 3 worker processes, restarted again and again (about 2 minutes on 2 cores)
 REPO = Path(__file__).resolve().parents[2]
@@ -74,7 +74,7 @@ def test_workers_killed_at_random_leave_a_consistent_study_and_the_best_is_promo
         [(t.number, t.state.name) for t in trials]
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert all(t.user_attrs.get("reason") for t in failed), [(t.number, t.user_attrs) for t in failed]
-    assert len(progress.finished(study)) == N_TRIALS
+    assert len(slots.finished(study)) == N_TRIALS
     assert any(t.user_attrs["reason"].startswith(("worker died", "worker stopped sending heartbeats"))
                for t in failed), "no trial was killed mid-run"
 

@@ -221,7 +221,7 @@ def test_a_diverging_dpo_trial_is_stopped_with_its_reason(dpo_worker, tmp_path):
 
 def test_init_adapter_takes_a_study_name_or_a_folder(tmp_path):
     """README: `trainer.init_adapter=rank_lr` reads results/rank_lr/full/adapter; a folder is taken as it is."""
-    from lora_search.checks.run_config import init_adapter_dir
+    from lora_search.models.adapters import init_adapter_dir
 
     promoted = tmp_path / "results" / "rank_lr" / "full" / "adapter"
     promoted.mkdir(parents=True)

@@ -20,6 +20,7 @@ from lora_search.commands import pipeline
 from lora_search.core import hardware
 from lora_search.core.errors import ConfigError
 from lora_search.models import loaders
+from lora_search.scale import dead_workers
 from lora_search.search import failures
 from lora_search.search import study as study_lib
 
@@ -163,7 +164,7 @@ def test_a_dead_local_workers_trial_is_failed_and_queued_again(tmp_path):
             trial = study.ask()
             trial.suggest_float("trainer.learning_rate", 1e-4, 1e-2, log=True)
             trial.set_user_attr("worker", worker)
-        assert failures.fail_dead_workers(study, tmp_path) == [0]
+        assert dead_workers.fail_dead_workers(study, tmp_path) == [0]
         trials = study.trials
         assert [t.state for t in trials] == [TrialState.FAIL, TrialState.RUNNING, TrialState.RUNNING,
                                              TrialState.WAITING]
@@ -171,7 +172,7 @@ def test_a_dead_local_workers_trial_is_failed_and_queued_again(tmp_path):
         assert trials[0].user_attrs["reason"] == reason and trials[0].user_attrs["status"] == "failed"
         assert json.loads((tmp_path / "trials" / "0000" / "status.json").read_text())["reason"] == reason
         assert trials[3].user_attrs == {"retry_of": 0}  # the same configuration runs next, once
-        assert failures.fail_dead_workers(study, tmp_path) == [] and len(study.trials) == 4
+        assert dead_workers.fail_dead_workers(study, tmp_path) == [] and len(study.trials) == 4
     finally:
         live.kill()
         live.wait()

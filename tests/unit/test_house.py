@@ -12,7 +12,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[2] / "lora_search"
 # Lowest first: a module may import its own subpackage and the ones before it, never one after it (DESIGN.md).
-ORDER = ("core", "config", "data", "models", "train", "scale", "search", "promote", "report", "checks", "commands")
+ORDER = ("core", "config", "data", "models", "train", "scale", "checks", "search", "promote", "report", "commands")
 MAX_LINES = 300
 
 

@@ -11,11 +11,11 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
+from lora_search.checks import sweep_settings
 from lora_search.commands import pipeline
-from lora_search.config import objectives
+from lora_search.config import objectives, samplers
 from lora_search.config import space as space_lib
 from lora_search.promote import promotion
-from lora_search.search import samplers
 from lora_search.search import study as study_lib
 
 FAST = ["data.train_per_task=12", "data.eval_per_task=4", "sweep.exact_match_items=4",
@@ -70,7 +70,7 @@ def test_without_a_rule_the_best_first_objective_wins_ties_go_to_the_lower_numbe
     ({"metric": "eval_loss", "within": 0.02}, "within keeps the trials near the best eval_loss for a next rule"),
 ])
 def test_a_rule_naming_what_the_study_did_not_optimize_is_refused(rule, expected):
-    problems = objectives.check_rule(rule, NAMES, "sweep.promotion.select")
+    problems = sweep_settings.rule_problems(rule, NAMES, "sweep.promotion.select")
     assert len(problems) == 1 and expected in problems[0], problems
 
 

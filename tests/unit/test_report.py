@@ -11,7 +11,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from lora_search.report import markdown, plots
+from lora_search.report import confidence, importance, markdown
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DISTRIBUTIONS = {
@@ -57,36 +57,36 @@ def test_importance_sentence_reads_the_shares_and_claims_only_the_order_its_inte
     shares = {"trainer.learning_rate": 0.71, "lora.r": 0.15, "lora.dropout": 0.08, "lora.targets": 0.06}
     apart = {"trainer.learning_rate": (0.55, 0.85), "lora.r": (0.05, 0.3), "lora.dropout": (0.0, 0.2),
              "lora.targets": (0.0, 0.15)}
-    text = plots.importance_sentence(shares, "eval_loss", method="fanova", n_complete=12, intervals=apart)
+    text = importance.importance_sentence(shares, "eval_loss", method="fanova", n_complete=12, intervals=apart)
     assert text.startswith("Learning rate matters most: 71% of the variance of eval loss (55-85%)")
     assert "the order of the rest (rank 15% (5-30%), dropout 8% (0-20%) and target modules 6% (0-15%)) is not " \
            "established" in text
     assert "fANOVA over 12 complete trials" in text and "share of the variance explained by single parameters" in text
-    ped = plots.importance_sentence(shares, "exact_match", method="ped_anova", n_complete=20, intervals=apart)
+    ped = importance.importance_sentence(shares, "exact_match", method="ped_anova", n_complete=20, intervals=apart)
     assert ped.startswith("Learning rate matters most: 71% of the importance for exact match") and "best 25%" in ped
     # overlapping intervals: no parameter is said to matter more, whatever the point estimates
     overlap = {**apart, "trainer.learning_rate": (0.25, 0.85)}
-    text = plots.importance_sentence(shares, "eval_loss", method="fanova", n_complete=12, intervals=overlap)
+    text = importance.importance_sentence(shares, "eval_loss", method="fanova", n_complete=12, intervals=overlap)
     assert text.startswith("These trials do not rank the parameters") and "matters most" not in text
     # 7 trials for 4 parameters: too few, said plainly, even where the intervals look apart
-    few = plots.importance_sentence(shares, "eval_loss", method="fanova", n_complete=7, intervals=apart)
+    few = importance.importance_sentence(shares, "eval_loss", method="fanova", n_complete=7, intervals=apart)
     assert few.startswith("7 complete trials are too few to rank 4 parameters") and "matters most" not in few
     # no intervals at all: the shares, and no order claimed
-    bare = plots.importance_sentence(shares, "eval_loss", method="fanova", n_complete=30)
+    bare = importance.importance_sentence(shares, "eval_loss", method="fanova", n_complete=30)
     assert "no ranking is claimed" in bare and "matters most" not in bare
-    assert "too few complete trials" in plots.importance_sentence({}, "eval_loss")
-    assert plots.importance_sentence({"trainer.learning_rate": 1.0}, "eval_loss").startswith(
+    assert "too few complete trials" in importance.importance_sentence({}, "eval_loss")
+    assert importance.importance_sentence({"trainer.learning_rate": 1.0}, "eval_loss").startswith(
         "Learning rate is the only parameter searched")
-    assert [plots.readable(k) for k in ("lora.alpha_ratio", "lora.targets", "trainer.warmup_steps")] == [
+    assert [importance.readable(k) for k in ("lora.alpha_ratio", "lora.targets", "trainer.warmup_steps")] == [
         "alpha ratio", "target modules", "warmup steps"]
 
 
 def test_report_has_optuna_plots_importances_and_a_self_contained_html(cfg, tmp_path):
     out = tmp_path / "rank_lr"
     study = make_study(out, n_trials=16)  # 14 complete: enough for the intervals to single out the learning rate
-    shares = plots.importances(study)
+    shares = importance.importances(study)
     assert next(iter(shares)) == "trainer.learning_rate" and shares["trainer.learning_rate"] > 0.5
-    assert math.isclose(sum(shares.values()), 1.0) and plots.importances(study) == shares  # seeded
+    assert math.isclose(sum(shares.values()), 1.0) and importance.importances(study) == shares  # seeded
 
     path = markdown.write_report(study, cfg, out)
     md = path.read_text()
@@ -102,7 +102,7 @@ def test_report_has_optuna_plots_importances_and_a_self_contained_html(cfg, tmp_
     sentence = re.search(r"Learning rate matters most: (\d+)% of the (variance of|importance for) eval loss "
                          r"\((\d+)-(\d+)%\)", md)
     assert sentence and int(sentence[1]) > 50 and int(sentence[3]) <= int(sentence[1]) <= int(sentence[4])
-    intervals = info_intervals = plots.summary(study, "eval_loss")["importance_intervals"]
+    intervals = info_intervals = confidence.summary(study, "eval_loss")["importance_intervals"]
     assert set(intervals) == set(shares) and all(lo <= shares[k] + 1e-9 and lo <= hi for k, (lo, hi) in
                                                  info_intervals.items())
     assert "| share | 90% interval |" in md
@@ -113,7 +113,7 @@ def test_report_has_optuna_plots_importances_and_a_self_contained_html(cfg, tmp_
     assert html.count('src="data:image/png;base64,') == len(names)
     assert "<table>" in html and "<td>trainer.learning_rate</td>" in html and "<th>learning_rate</th>" in html
 
-    info = plots.summary(study, "eval_loss")
+    info = confidence.summary(study, "eval_loss")
     assert (info["complete"], info["pruned"], info["failed"]) == (14, 2, 0)
     assert info["best_value"] == study.best_value and info["importances"] == shares
 
@@ -126,7 +126,7 @@ def test_a_study_of_one_trial_still_gets_a_report(cfg, tmp_path):
     assert "too few complete trials" in md and "## Trials (1: 1 complete)" in md
     assert "![" not in md and not list((out / "plots").glob("*.png"))
     assert (out / "report.html").exists()
-    assert plots.importances(study) == {} and plots.summary(study, "eval_loss")["best_trial"] == 0
+    assert importance.importances(study) == {} and confidence.summary(study, "eval_loss")["best_trial"] == 0
 
 
 def test_the_report_command_rebuilds_the_report_from_the_storage(tmp_path, tiny_cache, capsys, monkeypatch):

@@ -16,8 +16,7 @@ import pytest
 from optuna.trial import TrialState
 
 from lora_search.core.errors import ConfigError
-from lora_search.scale import promotion_claim, storage
-from lora_search.search import progress
+from lora_search.scale import promotion_claim, slots, storage
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,7 +30,7 @@ def _running(study, worker="elsewhere:1", admitted=True):
     """A trial another worker runs (admitted: it passed its slot check)."""
     trial = study.ask()
     study._storage.set_trial_user_attr(trial._trial_id, "worker", worker)
-    study._storage.set_trial_system_attr(trial._trial_id, progress.ADMITTED, admitted)
+    study._storage.set_trial_system_attr(trial._trial_id, slots.ADMITTED, admitted)
     return trial
 
 
@@ -40,9 +39,9 @@ def _admit_in_thread(study, trial, n):
 
     def run():
         try:
-            progress.admit(study, trial, n, poll_s=0.05)
+            slots.admit(study, trial, n, poll_s=0.05)
             outcome["result"] = "admitted"
-        except progress.NotNeeded as e:
+        except slots.NotNeeded as e:
             outcome["result"] = str(e)
 
     thread = threading.Thread(target=run, daemon=True)
@@ -60,8 +59,8 @@ def test_a_trial_waits_for_a_slot_and_is_not_needed_when_the_others_fill_the_stu
     for t in others:
         study.tell(t, 1.0)
     thread.join(timeout=10)
-    assert outcome["result"].startswith(progress.NOT_NEEDED)
-    assert len(progress.finished(study)) == 3
+    assert outcome["result"].startswith(slots.NOT_NEEDED)
+    assert len(slots.finished(study)) == 3
 
 
 def test_a_waiting_trial_takes_the_slot_of_one_that_failed(tmp_path):
@@ -73,7 +72,7 @@ def test_a_waiting_trial_takes_the_slot_of_one_that_failed(tmp_path):
     study.tell(others[1], state=TrialState.FAIL)  # a failed trial does not count: its slot is free again
     thread.join(timeout=10)
     assert outcome == {"result": "admitted"}
-    assert study._storage.get_trial(late._trial_id).system_attrs[progress.ADMITTED] is True
+    assert study._storage.get_trial(late._trial_id).system_attrs[slots.ADMITTED] is True
 
 
 def test_an_admitted_trial_keeps_its_slot_from_a_lower_numbered_one(tmp_path):
@@ -82,13 +81,13 @@ def test_an_admitted_trial_keeps_its_slot_from_a_lower_numbered_one(tmp_path):
     for _ in range(2):
         study.tell(study.ask(), 1.0)
     low, high = study.ask(), study.ask()
-    study._storage.set_trial_system_attr(high._trial_id, progress.ADMITTED, True)  # high trains already
+    study._storage.set_trial_system_attr(high._trial_id, slots.ADMITTED, True)  # high trains already
     thread, outcome = _admit_in_thread(study, low, 3)
     time.sleep(0.3)
     assert thread.is_alive()
     study.tell(high, 1.0)
     thread.join(timeout=10)
-    assert outcome["result"].startswith(progress.NOT_NEEDED) and len(progress.finished(study)) == 3
+    assert outcome["result"].startswith(slots.NOT_NEEDED) and len(slots.finished(study)) == 3
 
 
 def test_two_trials_that_pass_the_check_at_once_settle_by_number(tmp_path, monkeypatch):
@@ -98,7 +97,7 @@ def test_two_trials_that_pass_the_check_at_once_settle_by_number(tmp_path, monke
     for _ in range(2):
         study.tell(study.ask(), 1.0)
     low, high = study.ask(), study.ask()
-    real, first = progress.wait_for_slot, {low.number, high.number}
+    real, first = slots.wait_for_slot, {low.number, high.number}
 
     def both_pass_once(study_, n, out=None, number=None, **kw):
         if number in first:  # the first check of each saw a free slot (the other not yet admitted)
@@ -106,27 +105,27 @@ def test_two_trials_that_pass_the_check_at_once_settle_by_number(tmp_path, monke
             return True
         return real(study_, n, out, number, **kw)
 
-    monkeypatch.setattr(progress, "wait_for_slot", both_pass_once)
-    study._storage.set_trial_system_attr(high._trial_id, progress.ADMITTED, True)  # high marked itself first
-    progress.admit(study, low, 3, poll_s=0.05)  # low re-checks: high is higher-numbered, so low keeps the slot
+    monkeypatch.setattr(slots, "wait_for_slot", both_pass_once)
+    study._storage.set_trial_system_attr(high._trial_id, slots.ADMITTED, True)  # high marked itself first
+    slots.admit(study, low, 3, poll_s=0.05)  # low re-checks: high is higher-numbered, so low keeps the slot
     thread, outcome = _admit_in_thread(study, high, 3)  # high re-checks: low is ahead; it gives up the slot and waits
     time.sleep(0.3)
     assert thread.is_alive()
-    assert study._storage.get_trial(high._trial_id).system_attrs[progress.ADMITTED] is False
+    assert study._storage.get_trial(high._trial_id).system_attrs[slots.ADMITTED] is False
     study.tell(low, 1.0)
     thread.join(timeout=10)
-    assert outcome["result"].startswith(progress.NOT_NEEDED) and len(progress.finished(study)) == 3
+    assert outcome["result"].startswith(slots.NOT_NEEDED) and len(slots.finished(study)) == 3
 
 
 def test_a_worker_waits_before_asking_while_running_trials_fill_the_study(tmp_path):
     study = _study(tmp_path)
     study.tell(study.ask(), 1.0)
     busy = _running(study)
-    assert not progress.wait_for_slot(study, 2, deadline=time.monotonic() + 0.3, poll_s=0.05)  # full while it runs
+    assert not slots.wait_for_slot(study, 2, deadline=time.monotonic() + 0.3, poll_s=0.05)  # full while it runs
     study.tell(busy, state=TrialState.FAIL)
-    assert progress.wait_for_slot(study, 2, poll_s=0.05)
+    assert slots.wait_for_slot(study, 2, poll_s=0.05)
     study.tell(study.ask(), 2.0)
-    assert not progress.wait_for_slot(study, 2, poll_s=0.05)  # finished: stop
+    assert not slots.wait_for_slot(study, 2, poll_s=0.05)  # finished: stop
 
 
 @pytest.mark.parametrize("kind", ["journal", "sqlite"])
@@ -305,7 +304,7 @@ def test_queued_retries_end_not_needed_once_the_study_is_full_and_enqueued_confi
     study.tell(study.ask(), 1.0)
     study.enqueue_trial({"x": 0.5}, user_attrs={"retry_of": 0})  # a dead worker's trial, queued again
     study.enqueue_trial({"x": 0.25})  # the sweep file's own configuration
-    assert progress.drop_retries(study) == [1]
+    assert slots.drop_retries(study) == [1]
     retry = study.trials[1]
-    assert retry.state == TrialState.FAIL and retry.user_attrs["reason"].startswith(progress.NOT_NEEDED)
+    assert retry.state == TrialState.FAIL and retry.user_attrs["reason"].startswith(slots.NOT_NEEDED)
     assert study.trials[2].state == TrialState.WAITING

@@ -17,7 +17,7 @@ import pytest
 from optuna.trial import TrialState
 
 from lora_search.scale import workers
-from lora_search.search import failures
+from lora_search.search import interrupts
 
 REPO = Path(__file__).resolve().parents[2]
 N_TRIALS = 2
@@ -115,11 +115,11 @@ def test_after_sigkill_the_next_run_fails_the_dead_workers_trial_and_finishes(tm
 
 def test_signals_raise_interrupted_in_the_main_thread_and_handlers_are_restored():
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(failures.Interrupted) as info:
-        with failures.signals_handled():
+    with pytest.raises(interrupts.Interrupted) as info:
+        with interrupts.signals_handled():
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # interrupted long before this ends
-    assert info.value.signum == signal.SIGTERM and failures.exit_code(info.value) == 143
+    assert info.value.signum == signal.SIGTERM and interrupts.exit_code(info.value) == 143
     assert signal.getsignal(signal.SIGTERM) is before
 
 
@@ -142,9 +142,9 @@ def test_an_interrupted_search_forwards_the_signal_to_the_workers_it_started(tmp
                               stdout=subprocess.PIPE, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert worker.stdout.readline().strip() == b"ready"
-        with pytest.raises(failures.Interrupted):
-            with failures.stopping(study, tmp_path, [worker]):
-                raise failures.Interrupted(signal.SIGINT)
+        with pytest.raises(interrupts.Interrupted):
+            with interrupts.stopping(study, tmp_path, [worker]):
+                raise interrupts.Interrupted(signal.SIGINT)
         assert worker.wait(timeout=10) == -signal.SIGINT
     finally:
         if worker.poll() is None:

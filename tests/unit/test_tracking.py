@@ -9,6 +9,7 @@ import optuna
 import pytest
 
 from lora_search.commands import pipeline
+from lora_search.report import wandb_summary
 from lora_search.search import study as study_lib
 from lora_search.train import tracking
 
@@ -142,7 +143,7 @@ def test_the_sweep_summary_run_has_best_params_importances_and_the_reports_plots
     analysis = weights.write(adapter, out / "full" / "weights.json", out / "plots")
     records.write_json(out / "full" / "metrics.json", {"promotion": {"spearman": 0.5, "top_k": 3, "chosen": 2,
                                                                      "best_trial": 0}})
-    tracking.log_study(study, cfg, out)
+    wandb_summary.log_study(study, cfg, out)
 
     run = wandb_runs(out)[f"summary-{cfg.sweep.name}"]
     assert run["job_type"] == "summary" and run["exit_code"] == 0

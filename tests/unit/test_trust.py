@@ -10,7 +10,8 @@ import optuna
 import pytest
 
 from lora_search.commands import train_stage
-from lora_search.report import confidence, plots
+from lora_search.core import stats
+from lora_search.report import confidence, importance
 from lora_search.train.run import train_adapter
 
 
@@ -29,7 +30,7 @@ def test_per_row_losses_average_to_the_eval_loss(worker_and_cfg, tmp_path):
     rows = metrics["eval_row_losses"]
     assert len(rows) == metrics["eval_loss_rows"] == len(worker.data.eval)
     assert len(set(rows)) > 1 and all(x > 0 for x in rows)
-    assert metrics["eval_loss_se"] == pytest.approx(confidence.standard_error(rows), rel=1e-3)
+    assert metrics["eval_loss_se"] == pytest.approx(stats.standard_error(rows), rel=1e-3)
     evalset = next(iter(worker.tokenized.values()))[1]
     tokens = [sum(x != -100 for x in row["labels"][1:]) for row in evalset]  # labelled next tokens per row
     weighted = sum(r * n for r, n in zip(rows, tokens)) / sum(tokens)
@@ -60,29 +61,29 @@ def test_bootstrap_intervals_single_out_the_parameter_that_matters_and_refuse_to
     rng = random.Random(0)
     ps = [_params(rng) for _ in range(40)]
     driven = _study([(abs(math.log10(p["trainer.learning_rate"]) + 3) + rng.gauss(0, 0.02), p) for p in ps])
-    shares = plots.importances(driven)
-    intervals = confidence.importance_intervals(driven, shares)
+    shares = importance.importances(driven)
+    intervals = importance.importance_intervals(driven, shares)
     assert set(intervals) == set(shares)
     lr = intervals["trainer.learning_rate"]
     assert all(lr[0] > hi for k, (lo, hi) in intervals.items() if k != "trainer.learning_rate")
-    assert confidence.supported_order(shares, intervals)[0] == "trainer.learning_rate"
-    text = plots.importance_sentence(shares, "eval_loss", n_complete=40, intervals=intervals)
+    assert importance.supported_order(shares, intervals)[0] == "trainer.learning_rate"
+    text = importance.importance_sentence(shares, "eval_loss", n_complete=40, intervals=intervals)
     assert text.startswith("Learning rate matters most")
 
     noise = _study([(rng.gauss(1.0, 0.05), p) for p in ps])  # the value depends on no parameter
-    shares = plots.importances(noise)
-    intervals = confidence.importance_intervals(noise, shares)
-    assert confidence.supported_order(shares, intervals) == []
-    assert "matters most" not in plots.importance_sentence(shares, "eval_loss", n_complete=40, intervals=intervals)
+    shares = importance.importances(noise)
+    intervals = importance.importance_intervals(noise, shares)
+    assert importance.supported_order(shares, intervals) == []
+    assert "matters most" not in importance.importance_sentence(shares, "eval_loss", n_complete=40, intervals=intervals)
 
 
 def test_seven_trials_over_five_parameters_are_called_too_few_to_rank():
     rng = random.Random(1)
     study = _study([(1.9 + rng.uniform(0, 0.1), _params(rng)) for _ in range(7)])
-    shares = plots.importances(study)
+    shares = importance.importances(study)
     assert len(shares) == 5
-    text = plots.importance_sentence(shares, "eval_loss", n_complete=7,
-                                     intervals=confidence.importance_intervals(study, shares))
+    text = importance.importance_sentence(shares, "eval_loss", n_complete=7,
+                                     intervals=importance.importance_intervals(study, shares))
     assert text.startswith("7 complete trials are too few to rank 5 parameters (it takes at least 10)")
     assert "matters most" not in text and "explains" not in text
 
@@ -91,7 +92,7 @@ def test_the_eval_noise_interval_warns_when_every_trial_lies_inside_it():
     rng = random.Random(2)
     # the 102-row alpaca case: 11 eval rows, trial scores 1.92 to 2.00, the rows' losses spread by about 0.6
     rows = [1.92 + rng.gauss(0, 0.6) for _ in range(11)]
-    se = confidence.standard_error(rows)
+    se = stats.standard_error(rows)
     values = [1.92, 1.95, 1.97, 2.00]
     study = _study([(v, _params(rng)) for v in values],
                    attrs=lambda i: {"eval_loss_se": se, "eval_loss_rows": 11} if i == 0 else {})
@@ -107,7 +108,7 @@ def test_the_eval_noise_interval_warns_when_every_trial_lies_inside_it():
     assert found["inside"] == [] and "0 of the 3 other complete trials lie inside it" in \
         confidence.noise_sentence(found, "eval_loss")
     # perplexity: the loss interval, exponentiated
-    ppl = confidence.score_interval("perplexity", math.exp(1.92), {"eval_loss_se": 0.1, "eval_loss_rows": 11})
+    ppl = stats.score_interval("perplexity", math.exp(1.92), {"eval_loss_se": 0.1, "eval_loss_rows": 11})
     assert ppl["low"] == pytest.approx(math.exp(1.92 - 0.1959964)) and ppl["high"] == pytest.approx(
         math.exp(1.92 + 0.1959964))
     # no per-row losses recorded: no interval claimed
@@ -118,13 +119,13 @@ def test_exact_match_gets_a_wilson_interval():
     # p = 0.5 over 16 items: centre 0.5, half-width 1.96 * sqrt(0.015625 + 1.96^2 / (4 * 256)) / (1 + 1.96^2 / 16)
     z = 1.959964
     half = z * math.sqrt(0.25 / 16 + z * z / (4 * 256)) / (1 + z * z / 16)
-    got = confidence.score_interval("exact_match", 0.5, {"exact_match_n": 16})
+    got = stats.score_interval("exact_match", 0.5, {"exact_match_n": 16})
     assert got["low"] == pytest.approx(0.5 - half, abs=1e-6) and got["high"] == pytest.approx(0.5 + half, abs=1e-6)
-    assert confidence.score_interval("exact_match", 0.5, {}) is None
+    assert stats.score_interval("exact_match", 0.5, {}) is None
 
 
 def test_spearman_between_trial_and_full_scores():
-    assert confidence.spearman([1.0, 2.0, 3.0], [0.5, 0.7, 0.9]) == pytest.approx(1.0)
-    assert confidence.spearman([1.0, 2.0, 3.0], [0.9, 0.7, 0.5]) == pytest.approx(-1.0)
-    assert confidence.spearman([1.0, 2.0, 3.0, 4.0], [1.0, 3.0, 2.0, 4.0]) == pytest.approx(0.8)
-    assert confidence.spearman([1.0, 2.0], [1.0, 2.0]) is None and confidence.spearman([1.0, 1.0, 1.0], [1, 2, 3]) is None
+    assert stats.spearman([1.0, 2.0, 3.0], [0.5, 0.7, 0.9]) == pytest.approx(1.0)
+    assert stats.spearman([1.0, 2.0, 3.0], [0.9, 0.7, 0.5]) == pytest.approx(-1.0)
+    assert stats.spearman([1.0, 2.0, 3.0, 4.0], [1.0, 3.0, 2.0, 4.0]) == pytest.approx(0.8)
+    assert stats.spearman([1.0, 2.0], [1.0, 2.0]) is None and stats.spearman([1.0, 1.0, 1.0], [1, 2, 3]) is None

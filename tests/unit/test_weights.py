@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lora_search.promote import weights
+from lora_search.report import weights_section
 
 TINY = Path(__file__).resolve().parents[2] / "lora_search" / "conf" / "model" / "tiny_llama.yaml"
 
@@ -132,11 +133,11 @@ def test_a_smaller_rank_is_suggested_only_when_every_update_is_well_below_r(tmp_
     assert low["summary"]["effective_rank_max"] == 2
     assert low["summary"]["suggested_r"] == 2
     assert "r=2" in low["summary"]["suggestion"] and "r=8" in low["summary"]["suggestion"]
-    assert any("r=2 would likely do" in line for line in weights.report_lines(low))
+    assert any("r=2 would likely do" in line for line in weights_section.report_lines(low))
 
     _, full = known  # layer 1 v_proj uses all 8
     assert full["summary"]["suggested_r"] is None and full["summary"]["suggestion"] is None
-    assert not any("would likely do" in line for line in weights.report_lines(full))
+    assert not any("would likely do" in line for line in weights_section.report_lines(full))
 
     untrained = weights.analyze(make_adapter(tmp_path / "untrained", {}))  # all zero: nothing to judge a rank by
     assert untrained["summary"]["suggested_r"] is None
@@ -188,7 +189,7 @@ def test_write_draws_heatmaps_and_the_report_and_wandb_read_them(tmp_path, known
             width, height = image.size
             assert image.format == "PNG" and 150 < width < 3000 and 150 < height < 3000
 
-    lines = weights.report_lines(saved, "plots")
+    lines = weights_section.report_lines(saved, "plots")
     text = "\n".join(lines)
     assert lines[0] == "## What the adapter learned"
     assert "Across 2 layers x 2 modules" in text and "of r=8" in text

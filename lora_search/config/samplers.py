@@ -69,10 +69,3 @@ def make_pruner(cfg):
     return _build(kinds, cfg.sweep.pruner, "pruner", PRUNERS)
 
 
-def check(cfg, n_objectives: int) -> list[str]:
-    """Sampler problems that depend on the objectives."""
-    kind = spec(cfg.sweep.sampler).get("type")
-    if n_objectives > 1 and kind in SINGLE_OBJECTIVE:
-        return [f"sweep.sampler={kind} optimizes one objective; sweep.objectives has {n_objectives}: use tpe, gp, "
-                "nsgaii, random or grid"]
-    return []
