@@ -109,9 +109,9 @@ def _command(name: str, args: list[str]) -> None:
 
         print(preview.main(args))
     elif name == "storage-proxy":
-        from lora_search.scale import storage
+        from lora_search.scale import storage_proxy
 
-        storage.serve_proxy(args)
+        storage_proxy.serve_proxy(args)
     elif name == "compare":
         from lora_search.report import compare
 

@@ -32,7 +32,14 @@ URL_USERINFO = re.compile(r"(?P<head>\b[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]+(?=
 KEY_VALUE = re.compile(r"(?P<key>\b[\w.-]*(?:password|passwd|secret|api_?key|access_?token|auth_?token|hf_token)"
                        r"[\"']?\s*[=:]\s*[\"']?)(?P<value>[^\s\"',;&)}\]]+)", re.I)
 SECRET_QUERY = re.compile(r"password|passwd|secret|token|api_?key", re.I)
+SECRET_KEY = re.compile(r"(^|_)(api_?key|token|password|secret|auth)$", re.I)  # a config key whose value is a secret
 _known: set[str] = set()  # secret values met in this process (a storage password given in a config)
+
+
+
+def is_secret_key(key) -> bool:
+    """Whether a config or record key names a secret (`api_key`, `hf_token`, `password`, ...)."""
+    return bool(SECRET_KEY.search(str(key)))
 
 
 def mask_url(url: str) -> str:

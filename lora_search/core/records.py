@@ -10,14 +10,12 @@ import dataclasses
 import json
 import math
 import os
-import re
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from lora_search.core import hardware, masking
 
-SECRET_KEYS = re.compile(r"(^|_)(api_?key|token|password|secret|auth)$", re.I)
 redact = masking.mask  # URL passwords (postgresql://user:***@host/db) and known secret values replaced by ***
 
 
@@ -58,7 +56,7 @@ def config_dict(cfg) -> dict:
 def masked(node):
     """Plain data with secret-named keys' values and secrets inside strings replaced by ***."""
     if isinstance(node, dict):
-        return {k: (masking.MASK if SECRET_KEYS.search(str(k)) and v else masked(v)) for k, v in node.items()}
+        return {k: (masking.MASK if masking.is_secret_key(k) and v else masked(v)) for k, v in node.items()}
     if isinstance(node, (list, tuple)):
         return [masked(v) for v in node]
     return masking.mask(node) if isinstance(node, str) else node

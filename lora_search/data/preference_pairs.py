@@ -53,7 +53,7 @@ def shared_prefix(chosen, rejected) -> int:
 
 def to_pair(row: dict, layout: str, cfg: DataConfig, text) -> tuple[list[dict], list[dict], list[dict]]:
     """One row as (prompt messages, chosen messages, rejected messages); text(value) turns a cell into text (or
-    raises data.NotText)."""
+    raises layouts.NotText)."""
     cols = columns(layout, cfg)
     prompt_col = cols.get("prompt", "prompt" if layout == "preference" else None)
     raw_prompt = row.get(prompt_col) if prompt_col else None

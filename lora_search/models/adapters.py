@@ -16,6 +16,15 @@ from lora_search.core.errors import ConfigError
 LORA_LAYER_TYPES = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d)
 
 
+
+LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?:embedding_)?(?P<ab>[AB])(?:\.weight)?$")
+
+
+def lora_key(key: str) -> tuple[str, str] | None:
+    """A saved adapter tensor's (module path without PEFT's prefix, "A" or "B"); None for other tensors."""
+    found = LORA_KEY.match(key)
+    return (found["module"], found["ab"]) if found else None
+
 def target_modules(lora: LoraSpec, model: ModelConfig) -> list[str]:
     """The module names a LoRA spec targets: a preset resolved through the model, or its list."""
     if isinstance(lora.targets, str):
@@ -138,14 +147,14 @@ def check_start(folder, model: torch.nn.Module) -> list[str]:
                 f"trained on another model ({config.get('base_model_name_or_path')})"]
     with safe_open(str(weights), "pt") as f:
         for key in f.keys():
-            found = re.match(r"(?:base_model\.model\.)?(.*)\.lora_([AB])\.weight$", key)
-            module = named.get(found.group(1)) if found else None
+            found = lora_key(key)
+            module = named.get(found[0]) if found else None
             if module is None or not hasattr(module, "in_features"):
                 continue
             shape = f.get_slice(key).get_shape()
-            size = module.in_features if found.group(2) == "A" else module.out_features
-            if shape[1 if found.group(2) == "A" else 0] != size:
-                return [f"{where} does not fit this model: {key} has shape {tuple(shape)}, but {found.group(1)} is "
+            size = module.in_features if found[1] == "A" else module.out_features
+            if shape[1 if found[1] == "A" else 0] != size:
+                return [f"{where} does not fit this model: {key} has shape {tuple(shape)}, but {found[0]} is "
                         f"{module.in_features} -> {module.out_features}; it was trained on another model "
                         f"({config.get('base_model_name_or_path')})"]
     return []

@@ -17,13 +17,12 @@ import sys
 from pathlib import Path
 
 from lora_search.core import records
+from lora_search.models.adapters import lora_key
 
 log = logging.getLogger(__name__)
 
 ENERGY = 0.9  # the share of sum(s^2) the effective rank holds
-KEY = re.compile(r"^(?P<module>.+)\.lora_(?:embedding_)?(?P<ab>[AB])(?:\.weight)?$")
 LAYER = re.compile(r"\.(\d+)\.")
-PREFIX = "base_model.model."
 ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # a block's reading order
 PLOTS = {"effective_rank": "weights_effective_rank.png", "norm": "weights_norm.png"}
 TITLES = {"effective_rank": f"Effective rank of the LoRA update ({ENERGY:.0%} of energy)",
@@ -66,10 +65,9 @@ def _pairs(tensors: dict) -> dict[str, dict]:
     """Module path (without PEFT's prefix) -> {"A": tensor, "B": tensor}; other keys (modules_to_save) ignored."""
     pairs: dict[str, dict] = {}
     for key, tensor in tensors.items():
-        match = KEY.match(key)
-        if match:
-            module = match["module"].removeprefix(PREFIX)
-            pairs.setdefault(module, {})[match["ab"]] = tensor
+        found = lora_key(key)
+        if found:
+            pairs.setdefault(found[0], {})[found[1]] = tensor
     return {m: p for m, p in pairs.items() if set(p) == {"A", "B"}}
 
 

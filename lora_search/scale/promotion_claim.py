@@ -7,7 +7,8 @@ search finished creates the claim study `<study>:promotion@<finished trials>`; t
 saying who promotes (a claim held on another machine is waited for, see `take`). The claim study holds who (host:pid), when, a heartbeat and its state (running, done, failed) as
 user attributes, so it shows on the dashboard. A claim whose process died (its pid gone on this machine, or no
 heartbeat for 3 x sweep.heartbeat_s) or failed is taken over through the next claim name (`#2`, `#3`, ...), created
-atomically in the same way. An explicit `stage=promote` (or force=true) is the user's own call and takes no claim.
+atomically in the same way; so is a claim whose creator died between creating it and writing its state (no state after
+3 x sweep.heartbeat_s: it is marked failed, `abandoned`). An explicit `stage=promote` (or force=true) is the user's own call and takes no claim.
 """
 
 from __future__ import annotations
@@ -66,14 +67,17 @@ def _set(storage, name: str, **attrs) -> None:
         storage.set_study_user_attr(study_id, key, value)
 
 
-def take(study: optuna.Study, cfg: RunConfig, results_dir: str, poll_s: float = 5.0) -> Claim:
+def take(study: optuna.Study, cfg: RunConfig, results_dir: str, poll_s: float = 5.0,
+         unwritten_s: float | None = None) -> Claim:
     """Claim the promotion of `study` (its current finished trials), or return the live or finished claim of another
     process (mine=False). A claim held on another machine is waited for until it is done, failed or stale (its
     process cannot be checked from here: a replacement pod or job must not skip a promotion whose claimer was
-    killed); one held by a live process on this machine is returned at once."""
+    killed); one held by a live process on this machine is returned at once. A claim still without a state after
+    unwritten_s (default 3 x sweep.heartbeat_s) is abandoned: its creator died before writing it."""
     storage = study._storage
     count = len(slots.finished(study))
     stale_s = 3 * cfg.sweep.heartbeat_s
+    unwritten_s = stale_s if unwritten_s is None else unwritten_s
     generation = 1
     while True:
         name = claim_name(study.study_name, count, generation)
@@ -83,20 +87,40 @@ def take(study: optuna.Study, cfg: RunConfig, results_dir: str, poll_s: float = 
         try:
             storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], name)
         except optuna.exceptions.DuplicatedStudyError:
-            attrs = _read(storage, name) or {}
-            while not attrs.get("state"):  # created by another process, its attributes not written yet
-                time.sleep(0.2)
-                attrs = _read(storage, name) or {}
+            attrs = _written(storage, name, unwritten_s)
             if attrs["state"] == RUNNING and _alive(attrs, stale_s) and attrs.get("host") != socket.gethostname():
                 attrs = _wait_while_running(storage, name, attrs, stale_s, poll_s)
             if attrs["state"] == DONE or (attrs["state"] == RUNNING and _alive(attrs, stale_s)):
                 return Claim(name, False, attrs)
             log.warning("the promotion claim %s by %s is %s: taking it over", name, attrs.get("who"),
-                        attrs["state"] if attrs["state"] == FAILED else "stale (its process is gone)")
+                        attrs.get("reason", attrs["state"]) if attrs["state"] == FAILED
+                        else "stale (its process is gone)")
             generation += 1
             continue
         _set(storage, name, **me)
+        later = claim_name(study.study_name, count, generation + 1)
+        if (_read(storage, name) or {}).get("reason") or _read(storage, later) is not None:
+            # written too late: another process found this claim abandoned (no state) and takes it over
+            log.warning("the promotion claim %s was found abandoned before its state was written: not promoting", name)
+            _set(storage, name, state=FAILED)
+            return Claim(later, False, _read(storage, later) or {})
         return Claim(name, True, me)
+
+
+def _written(storage, name: str, unwritten_s: float) -> dict:
+    """The claim's attributes once its creator has written its state; a claim still without one after unwritten_s
+    is marked failed (its creator died between creating and writing it)."""
+    deadline = time.monotonic() + unwritten_s
+    attrs = _read(storage, name) or {}
+    while not attrs.get("state"):  # created by another process, its attributes not written yet
+        if time.monotonic() >= deadline:
+            reason = f"abandoned (no state written within {unwritten_s:g} s of its creation)"
+            with contextlib.suppress(Exception):  # a mark for the dashboard; the take-over does not depend on it
+                _set(storage, name, state=FAILED, reason=reason)
+            return {**attrs, "state": FAILED, "reason": reason}
+        time.sleep(min(0.2, unwritten_s))
+        attrs = _read(storage, name) or {}
+    return attrs
 
 
 def _wait_while_running(storage, name: str, attrs: dict, stale_s: float, poll_s: float) -> dict:

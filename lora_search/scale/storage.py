@@ -8,9 +8,7 @@ Storages by scale (all Optuna's own):
   postgresql+psycopg://user@host/db      many machines
   grpc://host:port                       hundreds of workers: Optuna's gRPC proxy (`python -m lora_search
                                          storage-proxy`) in front of one database, which caches and batches
-Optuna's heartbeats exist for databases only; for a journal and the gRPC proxy, `beating(...)` adds
-them as a trial system attribute, so a worker that dies on another machine has its trial failed (and retried once)
-there too.
+Heartbeats for every storage are in heartbeats.py; the gRPC proxy server in storage_proxy.py.
 """
 
 from __future__ import annotations
@@ -18,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import time
 from pathlib import Path
 
 import sqlalchemy
@@ -27,6 +24,7 @@ from sqlalchemy.engine import make_url
 from lora_search.config.schema import RunConfig
 from lora_search.core import masking
 from lora_search.core.errors import ConfigError, LoraSearchError
+from lora_search.scale.heartbeats import beating, reasoned
 
 ACCEPTED = ("sqlite:///path/to/study.db, journal:///path/to/study.journal, postgresql+psycopg://user@host/db, "
             "mysql+pymysql://user@host/db or grpc://host:port")
@@ -222,94 +220,6 @@ def _open_grpc(url: str, beats: dict):
     return proxy
 
 
-HEARTBEAT_ATTR = "lora_search:heartbeat"
-
-
-class _Beats:
-    """Optuna's heartbeat protocol (BaseHeartbeat) for a storage that lacks it: the beat is a trial system attribute
-    (the worker's clock, seconds since the epoch); a RUNNING trial without a beat for grace_period is stale, and
-    Optuna's own fail_stale_trials fails it and calls the callback (RetryHeartbeatStaleTrialCallback)."""
-
-    def _init_beats(self, heartbeat_interval=None, grace_period=None, heartbeat_stale_trial_callback=None):
-        self._beat_interval, self._beat_callback = heartbeat_interval, heartbeat_stale_trial_callback
-        self._beat_grace = grace_period or (2 * heartbeat_interval if heartbeat_interval else None)
-
-    def record_heartbeat(self, trial_id: int) -> None:
-        self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
-
-    def _stale_ids(self, study_id: int) -> list[int]:
-        from optuna.trial import TrialState
-
-        if not self._beat_interval:
-            return []
-        now, stale = time.time(), []
-        for t in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
-            last = t.system_attrs.get(HEARTBEAT_ATTR)
-            if last is None and t.datetime_start is not None:
-                last = t.datetime_start.timestamp()
-            if last is not None and now - last > self._beat_grace:
-                stale.append(t._trial_id)
-        return stale
-
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        return _with_reason(self, self._stale_ids(study_id))
-
-    def get_heartbeat_interval(self):
-        return self._beat_interval
-
-    def get_heartbeat_stale_trial_callback(self):
-        return self._beat_callback
-
-
-def _beating(base):
-    from optuna.storages._heartbeat import BaseHeartbeat
-
-    class Beating(_Beats, base, BaseHeartbeat):
-        def __init__(self, *args, heartbeat_interval=None, grace_period=None, heartbeat_stale_trial_callback=None,
-                     **kwargs):
-            base.__init__(self, *args, **kwargs)
-            self._init_beats(heartbeat_interval, grace_period, heartbeat_stale_trial_callback)
-
-    Beating.__name__ = Beating.__qualname__ = f"Beating{base.__name__}"
-    return Beating
-
-
-STALE_REASON = "worker stopped sending heartbeats (killed, or its machine went away)"
-
-
-def _with_reason(storage, trial_ids: list[int]) -> list[int]:
-    """Before Optuna fails stale trials: give each its reason and status (a FAIL trial's attributes are frozen)."""
-    import optuna
-
-    for trial_id in trial_ids:
-        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-            storage.set_trial_user_attr(trial_id, "status", "failed")
-            storage.set_trial_user_attr(trial_id, "reason", STALE_REASON)
-    return trial_ids
-
-
-def reasoned(base):
-    """Optuna's RDBStorage whose stale trials get a reason before they are failed."""
-    if base not in _BEATING:
-        class Reasoned(base):
-            def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-                return _with_reason(self, super()._get_stale_trial_ids(study_id))
-
-        Reasoned.__name__ = Reasoned.__qualname__ = base.__name__  # what logs and the dashboard show
-        _BEATING[base] = Reasoned
-    return _BEATING[base]
-
-
-_BEATING: dict = {}
-
-
-def beating(base):
-    """`base` (Optuna's JournalStorage or GrpcStorageProxy) with heartbeats, one class per base."""
-    if base not in _BEATING:
-        _BEATING[base] = _beating(base)
-    return _BEATING[base]
-
-
 def check_storage(cfg: RunConfig) -> None:
     """Open the storage's connection without creating a study or tables (nor an SQLite file); ConfigError if it fails."""
     given = cfg.sweep.storage
@@ -368,51 +278,3 @@ def check_sharing(study, url: str) -> None:
                           f"several machines (its locks do not hold over network filesystems); use {ALTERNATIVES}")
 
 
-def serve_proxy(argv: list[str]) -> None:
-    """`python -m lora_search storage-proxy --storage <database URL> [--host H] [--port P]`: Optuna's gRPC storage
-    proxy in front of one database, for hundreds of workers (each with sweep.storage=grpc://H:P). The URL may come
-    from $LORA_SEARCH_STORAGE instead (a password on a command line shows in `ps`)."""
-    import argparse
-    import logging
-
-    import optuna
-
-    parser = argparse.ArgumentParser(prog="python -m lora_search storage-proxy", description=serve_proxy.__doc__)
-    parser.add_argument("--storage", default=os.environ.get(masking.STORAGE_ENV),
-                        help=f"the database URL (default: ${masking.STORAGE_ENV})")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=13000)
-    parser.add_argument("--threads", type=int, default=32, help="the server's thread pool")
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:
-        if e.code:
-            raise ConfigError("storage-proxy: see the usage above; e.g. `python -m lora_search storage-proxy "
-                              "--storage postgresql+psycopg://user@host/db --port 13000`") from None
-        raise
-    if not args.storage:
-        raise ConfigError(f"storage-proxy needs the database URL: --storage postgresql+psycopg://user@host/db, or "
-                          f"${masking.STORAGE_ENV}")
-    url = args.storage
-    masking.remember(url)
-    if kind(url) in ("journal", "grpc"):
-        raise ConfigError(f"storage-proxy --storage {masking.mask_url(url)!r}: the proxy serves a database (Optuna's "
-                          f"gRPC proxy does not support a journal, and a proxy in front of a proxy adds nothing); "
-                          f"accepted: postgresql+psycopg://user@host/db, mysql+pymysql://user@host/db or sqlite:///path")
-    if not 1 <= args.port <= 65535:
-        raise ConfigError(f"storage-proxy --port must be from 1 to 65535, got {args.port}")
-    try:
-        import grpc  # noqa: F401
-    except ImportError:
-        raise ConfigError("storage-proxy needs the gRPC server: `pip install 'lora_search[grpc]'` (grpcio)") from None
-    from concurrent.futures import ThreadPoolExecutor
-
-    backend = optuna.storages.get_storage(open_url(url))  # Optuna's cached storage in front of the database
-    log = logging.getLogger("lora_search.scale.storage")
-    log.info("gRPC storage proxy for %s on %s:%d: workers join with sweep.storage=grpc://%s:%d", masking.mask_url(url),
-             args.host, args.port, "<this host>" if args.host in ("0.0.0.0", "::") else args.host, args.port)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("the proxy has no authentication: anyone who can reach %s:%d can read and change every study in "
-                    "the database; use only on a trusted network", args.host, args.port)
-    optuna.storages.run_grpc_proxy_server(backend, host=args.host, port=args.port,
-                                          thread_pool=ThreadPoolExecutor(args.threads))

@@ -110,7 +110,10 @@ def test_no_import_runs_up_the_data_flow():
 
 
 def test_lora_search_imports_sit_at_module_top():
+    """Except in lora_search/__main__.py, on purpose: the command line loads only the command it runs (`dashboard`
+    and `compare` never import torch, and a bad override costs no model library import)."""
     _, deferred = graph()
+    deferred = [d for d in deferred if d[0] != "lora_search.__main__"]
     assert deferred == [], "lora_search imports inside functions: " + ", ".join(
         f"{m}:{line} -> {t}" for m, t, line in deferred)
 

@@ -16,7 +16,7 @@ import pytest
 from optuna.trial import TrialState
 
 from lora_search.core.errors import ConfigError
-from lora_search.scale import promotion_claim, slots, storage
+from lora_search.scale import heartbeats, promotion_claim, slots, storage
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -142,7 +142,7 @@ def test_a_dead_workers_trial_fails_by_heartbeat_with_a_reason_and_is_queued_aga
     time.sleep(2.5)  # past the grace period (SQLite's timestamps have whole seconds)
     optuna.storages.fail_stale_trials(study)
     failed = st.get_trial(dead._trial_id)
-    assert failed.state == TrialState.FAIL and failed.user_attrs["reason"] == storage.STALE_REASON
+    assert failed.state == TrialState.FAIL and failed.user_attrs["reason"] == heartbeats.STALE_REASON
     waiting = study.get_trials(states=(TrialState.WAITING,))
     assert [t.params for t in waiting] == [failed.params]
 
@@ -174,6 +174,47 @@ def test_the_promotion_is_claimed_once_and_taken_over_from_a_dead_or_failed_clai
 
     study.tell(study.ask(), 0.5)  # more trials (n_trials raised): a new promotion to claim
     assert promotion_claim.take(study, cfg, "/results/f").mine
+
+
+def test_a_claim_whose_creator_died_before_writing_its_state_is_waited_for_a_bounded_time_then_taken_over(
+        tmp_path, make_cfg):
+    cfg = make_cfg()
+    study = _study(tmp_path, "rank_lr")
+    study.tell(study.ask(), 1.0)
+    # the creator died between creating the claim study and writing its attributes: the claim has no state
+    study._storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], "rank_lr:promotion@1")
+    t0 = time.monotonic()
+    after = promotion_claim.take(study, cfg, "/results/b", unwritten_s=0.5)
+    assert after.mine and after.name == "rank_lr:promotion@1#2"
+    assert 0.5 <= time.monotonic() - t0 < 5
+    abandoned = promotion_claim._read(study._storage, "rank_lr:promotion@1")
+    assert abandoned["state"] == promotion_claim.FAILED and abandoned["reason"].startswith("abandoned")
+    # and the default bound is 3 x sweep.heartbeat_s, not forever
+    study.tell(study.ask(), 0.5)
+    study._storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], "rank_lr:promotion@2")
+    t0 = time.monotonic()
+    assert promotion_claim.take(study, make_cfg("sweep.heartbeat_s=1"), "/results/c").name == "rank_lr:promotion@2#2"
+    assert 3 <= time.monotonic() - t0 < 10
+
+
+def test_a_creator_that_writes_its_state_after_the_claim_was_found_abandoned_does_not_promote(
+        tmp_path, make_cfg, monkeypatch):
+    cfg = make_cfg()
+    study = _study(tmp_path, "rank_lr")
+    study.tell(study.ask(), 1.0)
+    real_set = promotion_claim._set
+
+    def stalled_creator(storage, name, **attrs):
+        monkeypatch.setattr(promotion_claim, "_set", real_set)
+        # while this creator stalls, another process waits out the bound and takes the claim over
+        other = promotion_claim.take(study, cfg, "/results/b", unwritten_s=0.1)
+        assert other.mine and other.name == "rank_lr:promotion@1#2"
+        real_set(storage, name, **attrs)
+
+    monkeypatch.setattr(promotion_claim, "_set", stalled_creator)
+    late = promotion_claim.take(study, cfg, "/results/a")
+    assert not late.mine and late.name == "rank_lr:promotion@1#2" and late.attrs["results_dir"] == "/results/b"
+    assert promotion_claim._read(study._storage, "rank_lr:promotion@1")["state"] == promotion_claim.FAILED
 
 
 @pytest.mark.slow  # 6 spawned interpreters per storage
@@ -280,7 +321,7 @@ def test_the_grpc_proxy_serves_a_study_to_clients(tmp_path):
         study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
         b = optuna.load_study(study_name="p", storage=storage.open_url(url))
         assert len(b.trials) == 3 and b.best_value == study.best_value
-        assert storage.HEARTBEAT_ATTR in b.trials[0].system_attrs  # beats recorded through the proxy
+        assert heartbeats.HEARTBEAT_ATTR in b.trials[0].system_attrs  # beats recorded through the proxy
         assert len(optuna.load_study(study_name="p", storage=db).trials) == 3  # in the database behind it
     finally:
         proxy.terminate()
