@@ -10,6 +10,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+import psutil
 import torch
 
 PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "datasets", "optuna", "hydra-core",
@@ -106,12 +107,12 @@ def freeze_long_lived() -> None:
 
 
 def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    """This process's resident memory, through psutil (Linux, macOS, Windows: no /proc needed)."""
+    return psutil.Process().memory_info().rss / 2**20
 
 
 class PeakMemory:
-    """Peak memory over a block: CUDA max allocated on a GPU, sampled RSS on the CPU."""
+    """Peak memory over a block: CUDA max allocated on a GPU, sampled RSS (psutil) on the CPU."""
 
     def __init__(self, interval_s: float = 0.05):
         self.interval_s = interval_s
@@ -122,7 +123,7 @@ class PeakMemory:
     def __enter__(self):
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        elif os.path.exists("/proc/self/statm"):
+        else:
             self.peak_mb = _rss_mb()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
@@ -162,10 +163,7 @@ def machine() -> dict:
         "platform": platform.platform(),
         "python": platform.python_version(),
     }
-    try:
-        info["memory_gb"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError):
-        pass
+    info["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["gpu_count"] = torch.cuda.device_count()

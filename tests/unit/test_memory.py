@@ -168,8 +168,12 @@ def test_auto_budget_is_free_memory_plus_own_rss():
 
 def test_estimate_reads_the_architecture_once(tiny, monkeypatch):
     cfg, arch = tiny()
-    memory.estimate(cfg, arch, "cpu")
-    monkeypatch.setattr(loaders, "meta_model", lambda arch: pytest.fail("the module tree was built again"))
+    built = []
+    monkeypatch.setattr(memory, "_cache", {})  # earlier tests may have read this architecture already
+    monkeypatch.setattr(memory, "meta_model", lambda arch: built.append(arch) or loaders.meta_model(arch))
+    lora_mb = []
     for r in (4, 8, 16):
         cfg.lora.r = r
-        memory.estimate(cfg, arch, "cpu")
+        lora_mb.append(memory.estimate(cfg, arch, "cpu").parts["lora"])
+    assert len(built) == 1  # the module tree was built for the first estimate only
+    assert lora_mb[0] < lora_mb[1] < lora_mb[2]  # and every estimate still used its own rank
