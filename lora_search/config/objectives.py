@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from lora_search.config.schema import COST_METRICS, METRIC_DIRECTIONS, QUALITY_METRICS
+from lora_search.config.schema import METRIC_DIRECTIONS, QUALITY_METRICS
 
 RULE_FIELDS = ("metric", "direction", "within", "then")
 
@@ -95,8 +95,3 @@ def select(candidates: list, names: list[str], rule: dict | None, first: tuple[s
                                   f"{fmt(metric, best_value)}" if s != best_score else
                                   f"ties #{best.number} on {metric}; the lower trial number wins")
         return best, lost
-
-
-def is_cost(metric: str) -> bool:
-    """Whether a metric measures cost (size, memory, time) rather than quality."""
-    return metric in COST_METRICS

@@ -177,13 +177,12 @@ PREFERENCE_METRICS = ("reward_accuracy", "reward_margin", "preference_accuracy")
 GENERATION_METRICS = ("exact_match", "rouge_l", "bleu")
 # What a trial's quality is measured by (the others are costs): the metric pruning and the single-objective paths read
 QUALITY_METRICS = ("eval_loss", "perplexity") + GENERATION_METRICS + PREFERENCE_METRICS
-COST_METRICS = ("trainable_params", "adapter_mb", "peak_memory_mb", "train_tokens_per_s", "step_s")
 
 
 @dataclass
 class SweepConfig:
     name: str = "rank_lr"  # study name (results/<name>/); the sweep file's name unless set
-    n_trials: int = 8  # finished (complete or pruned) trials the study needs, across all runs and workers
+    n_trials: int = 12  # finished (complete or pruned) trials the study needs, across all runs and workers
     timeout_s: Optional[float] = None  # wall-clock budget for the search in this invocation
     # the objective: a key of a trial's metrics (eval_loss, perplexity, exact_match, rouge_l, bleu, ...)
     metric: str = "eval_loss"

@@ -10,17 +10,13 @@ import torch
 from lora_search.config.schema import RunConfig
 from lora_search.core import hardware
 
-# Attention implementations that keep padding-free rows apart by their position_ids: transformers builds a
-# block-diagonal mask over the whole flattened batch for sdpa/eager/flex (correct, but attention then costs
-# (sum of lengths)^2, which ate the padding saved: x0.98-1.06 on SmolLM2/CPU, within run-to-run noise, in
-# benchmarks/throughput.py), and passes
-# sequence boundaries to the flash kernels (varlen: no mask, no padding; the win).
-PACKED_ATTENTION = ("sdpa", "eager", "flex_attention")
-
-
 def padding_free(cfg: RunConfig, model) -> bool:
     """Whether this run batches its rows padding-free (`trainer.padding_free`; auto: on with a flash-attention
     kernel, off otherwise; true forces it wherever the attention keeps rows apart)."""
+    # Why auto waits for flash: padding-free rows are kept apart by their position_ids. For sdpa/eager/flex
+    # transformers builds a block-diagonal mask over the whole flattened batch (correct, but attention then costs
+    # (sum of lengths)^2, which ate the padding saved: x0.98-1.06 on SmolLM2/CPU, within run-to-run noise, in
+    # benchmarks/throughput.py); the flash kernels get the sequence boundaries (varlen: no mask, no padding).
     setting = cfg.trainer.padding_free
     if setting in (True, False):
         return setting
