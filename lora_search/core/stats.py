@@ -11,8 +11,11 @@ Z95 = 1.959964  # eval noise: a normal 95% interval for a mean of per-row losses
 
 
 def standard_error(values: list[float]) -> float | None:
-    """The standard error of the mean of values (None for fewer than two)."""
-    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else None
+    """The standard error of the mean of values (None for fewer than two, or any NaN or infinite value: a diverged
+    run's rows; statistics.stdev raises AttributeError on a NaN in Python 3.11)."""
+    if len(values) < 2 or not all(math.isfinite(v) for v in values):
+        return None
+    return statistics.stdev(values) / math.sqrt(len(values))
 
 
 def score_interval(metric: str, value: float | None, attrs: dict) -> dict | None:
@@ -22,7 +25,7 @@ def score_interval(metric: str, value: float | None, attrs: dict) -> dict | None
         return None
     if metric in ("eval_loss", "perplexity"):
         se, n = attrs.get("eval_loss_se"), attrs.get("eval_loss_rows")
-        if not se or not n:
+        if not se or not n or not math.isfinite(se):
             return None
         loss = value if metric == "eval_loss" else math.log(value)
         low, high = loss - Z95 * se, loss + Z95 * se
