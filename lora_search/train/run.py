@@ -65,6 +65,16 @@ def _release(worker: Worker, trainer, peft_model) -> None:
     worker.base.model.eval()
 
 
+def diverged(log_history: list[dict], eval_loss: float | None) -> str | None:
+    """Why a run diverged (its first NaN or infinite training loss, else a non-finite final eval loss), or None."""
+    for entry in log_history:
+        if "loss" in entry and not math.isfinite(entry["loss"]):
+            return f"diverged: training loss {entry['loss']} at step {entry.get('step')}"
+    if eval_loss is not None and not math.isfinite(eval_loss):
+        return f"diverged: eval loss {eval_loss} after training"
+    return None
+
+
 def _tokenized_key(cfg: RunConfig, model) -> tuple:
     return dpo.data_key(cfg) if cfg.trainer.method == "dpo" else data_key(cfg, padding_free(cfg, model))
 
@@ -202,6 +212,9 @@ def _train(worker: Worker, cfg: RunConfig, out_dir: Path, callbacks, report_to, 
                 scored = full_eval if cfg.trainer.final_eval == "full" else trainer.eval_dataset
                 metrics.update({**dpo.reward_metrics(final), **_preference(peft_model, worker, cfg, scored)})
         tokens = int(trainer.state.num_input_tokens_seen)
+        why = diverged(trainer.state.log_history, final["eval_loss"])  # its statistics below are None or NaN
+        if why:
+            log.warning("%s: %s", out_dir.name, why)
         rows = None
         if cfg.trainer.method == "sft" and not trainer.args.padding_free and rows_if and rows_if(final["eval_loss"]):
             scored = full_eval if cfg.trainer.final_eval == "full" else trainer.eval_dataset
@@ -210,6 +223,7 @@ def _train(worker: Worker, cfg: RunConfig, out_dir: Path, callbacks, report_to, 
             metrics.update({"eval_row_losses": [round(x, 5) for x in rows], "eval_loss_rows": len(rows),
                             "eval_loss_se": stats.standard_error(rows)})
         metrics.update({
+            "diverged": why,  # None, or why the run diverged (its NaN statistics are then no measurement)
             "eval_loss": final["eval_loss"],
             "perplexity": math.exp(min(final["eval_loss"], 50)) if cfg.trainer.method == "sft" else None,
             **{k: em.get(k) for k in GENERATION_METRICS},  # None: no answers generated (or, exact match, not exact)

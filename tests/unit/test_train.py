@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from lora_search.commands import train_stage
+from lora_search.core import records
 from lora_search.models import adapters, loaders
 from lora_search.train.run import train_adapter
 
@@ -62,13 +63,47 @@ def test_several_runs_share_one_base_and_leave_it_unchanged(worker_and_cfg, tmp_
     assert results[0]["base_eval_loss"] == results[2]["base_eval_loss"]  # the baseline is computed once
 
 
-def test_nan_loss_is_visible_not_filtered(worker_and_cfg, tmp_path):
+@pytest.mark.parametrize("how", ["a NaN loss at every step", "learning rate 1e30"])
+def test_nan_loss_is_visible_not_filtered(worker_and_cfg, tmp_path, monkeypatch, how):
+    """A diverged run goes through the whole train path (final eval, per-row losses, their standard error, answers,
+    metrics.json) without an error, shows its NaN loss, and says it diverged."""
+    from trl import SFTTrainer
+
     worker, cfg = worker_and_cfg
-    cfg.trainer.learning_rate = 1e6
-    cfg.trainer.max_grad_norm = 1e9
-    cfg.trainer.max_steps = 6
-    metrics = train_adapter(worker, cfg, tmp_path / "run", save=False)
-    assert not math.isfinite(metrics["eval_loss"]) or metrics["eval_loss"] > metrics["base_eval_loss"]
+    before = loaders.checksum(worker.base.model)
+    cfg.trainer.max_steps, cfg.trainer.logging_steps = 6, 1
+    if how == "learning rate 1e30":
+        cfg.trainer.learning_rate, cfg.trainer.max_grad_norm = 1e30, 1e30
+    else:
+        real = SFTTrainer.compute_loss
+
+        def nan_loss(self, model, *args, **kwargs):
+            out = real(self, model, *args, **kwargs)
+            if not model.training:
+                return out
+            return (out[0] * math.nan, *out[1:]) if isinstance(out, tuple) else out * math.nan
+
+        monkeypatch.setattr(SFTTrainer, "compute_loss", nan_loss)
+    metrics = train_adapter(worker, cfg, tmp_path / "run")
+
+    assert metrics["diverged"].startswith("diverged: training loss ")
+    assert metrics["steps"] == 6 and not math.isfinite(metrics["train_loss_last"])  # visible, not filtered out
+    if how == "a NaN loss at every step":
+        assert metrics["diverged"] == "diverged: training loss nan at step 1"
+        assert math.isnan(metrics["train_loss_first"])
+    assert not math.isfinite(metrics["eval_loss"])
+    rows = metrics["eval_row_losses"]  # the per-row path ran on the NaN rows ...
+    assert len(rows) == metrics["eval_loss_rows"] > 1 and not all(math.isfinite(x) for x in rows)
+    assert metrics["eval_loss_se"] is None  # ... and its standard error is no number, not an AttributeError
+    records.write_json(tmp_path / "metrics.json", metrics)  # what the callers write: valid JSON, NaN as text
+    assert records.read_json(tmp_path / "metrics.json")["eval_loss"] in ("nan", "inf")
+    assert loaders.checksum(worker.base.model) == before
+
+
+def test_a_run_that_learns_is_not_diverged(worker_and_cfg, tmp_path):
+    worker, cfg = worker_and_cfg
+    cfg.trainer.max_steps = 2
+    assert train_adapter(worker, cfg, tmp_path / "run", save=False)["diverged"] is None
 
 
 def test_nf4_qlora_trains_on_cpu(make_cfg, tiny_overrides, tmp_path):
