@@ -17,7 +17,7 @@ from lora_search.checks.sweep import check_sweep, objective_list
 from lora_search.config import samplers
 from lora_search.config import space as space_lib
 from lora_search.config.schema import RunConfig
-from lora_search.core import records
+from lora_search.core import paired, records
 from lora_search.core.errors import ConfigError
 from lora_search.scale import dead_workers, slots, storage, workers
 from lora_search.scale.slots import StopAt, finished
@@ -93,7 +93,9 @@ def _set_attrs(trial: optuna.Trial, metrics: dict, status: str, reason: str | No
             "trainable_params", "adapter_mb", "step_s", "estimated_memory_mb", "memory_budget_mb", "over_budget",
             "wall_s", "steps", "exact_match_s", "base_model", "base_quant", "base_dtype", "train_rows",
             "eval_data_rows", "eval_rows", "method", "reward_accuracy", "reward_margin", "preference_accuracy",
-            "logp_margin", "eval_loss_se", "eval_loss_rows", "exact_match_n")  # the last three: trust.score_interval
+            "logp_margin", "eval_loss_se", "eval_loss_rows", "exact_match_n",  # these three: stats.score_interval
+            # per-row scores with the fingerprint of their rows: the report's paired comparison (core/paired.ROWS)
+            *[k for rows in dict.fromkeys(paired.ROWS.values()) for k in (rows, paired.fingerprint_key(rows))])
     for key in keep:
         if key in metrics:
             trial.set_user_attr(key, metrics[key])
@@ -110,22 +112,6 @@ def pruning_metric(cfg: RunConfig, metric: str) -> str:
         return {"reward_margin": "eval_rewards/margins", "reward_accuracy": "eval_rewards/accuracies"}.get(
             metric, LOGP_MARGIN)
     return "eval_loss"
-
-
-def _beats_best(study: optuna.Study, names: list[str]):
-    """rows_if for a trial: record its eval rows' losses (the report's eval-noise interval, trust.noise) only when
-    its eval loss beats every complete trial's so far, so the best trial always has them and most trials skip the
-    extra pass. Only for an eval-loss or perplexity objective (exact match's interval needs no rows)."""
-    if names not in (["eval_loss"], ["perplexity"]):
-        return lambda loss: False
-
-    def beats(loss: float) -> bool:
-        done = [t.user_attrs.get("eval_loss") for t in study.get_trials(deepcopy=False, states=(
-            optuna.trial.TrialState.COMPLETE,)) if not t.user_attrs.get("over_budget")]
-        done = [v for v in done if space_lib.finite(v)]
-        return space_lib.finite(loss) and (not done or loss < min(done))
-
-    return beats
 
 
 def objective_fn(cfg: RunConfig, get_worker):
@@ -169,7 +155,7 @@ def objective_fn(cfg: RunConfig, get_worker):
             worker = get_worker(trial_cfg)
             used = trained_on(worker)  # recorded whatever the trial's outcome
             metrics = train_adapter(worker, trial_cfg, out, callbacks=[callback, tracking.StepLogger(run), watch],
-                                    with_baseline=False, save=False, rows_if=_beats_best(trial.study, names))
+                                    with_baseline=False, save=False)
             values = [metrics.get(m) for m in names]
             bad = [f"{m} is {v!r}" for m, v in zip(names, values) if not space_lib.finite(v)]
             status, reason = ("failed", "; ".join(bad)) if bad else ("complete", None)

@@ -11,6 +11,7 @@ import torch
 from transformers import TrainerCallback
 
 from lora_search.config.schema import RunConfig
+from lora_search.data import load
 
 
 def prompt_texts(tokenizer, prompts: list) -> list[str]:
@@ -54,12 +55,27 @@ def normalize(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().removesuffix(".").strip()
 
 
+def exact_match_rows(predictions: list[str], references: list[str]) -> list[int]:
+    """Per item: 1 where the prediction equals its reference after normalize(), else 0 (in item order)."""
+    return [int(normalize(p) == normalize(r)) for p, r in zip(predictions, references)]
+
+
 def exact_match(predictions: list[str], references: list[str]) -> float:
     """Share of predictions equal to their reference after normalize()."""
     if not references:
         return 0.0
-    hits = sum(normalize(p) == normalize(r) for p, r in zip(predictions, references))
-    return hits / len(references)
+    return sum(exact_match_rows(predictions, references)) / len(references)
+
+
+def rows_fingerprint(rows) -> str:
+    """A short fingerprint of the eval rows a run was scored on, in order (tokenized rows, or prompts with their
+    answers): runs whose per-row scores share it were scored on the same rows (core/paired)."""
+    return load.fingerprint(list(rows))[:16]
+
+
+def tokens_fingerprint(dataset) -> str:
+    """rows_fingerprint of a tokenized eval set (datasets.Dataset): its token-id and mask columns, row by row."""
+    return rows_fingerprint(dataset.select_columns([c for c in dataset.column_names if c.endswith(("_ids", "mask"))]))
 
 
 def rouge_l(predictions: list[str], references: list[str]) -> float:
@@ -92,8 +108,12 @@ def score(model, tokenizer, prompts: list, references: list[str], max_new_tokens
     record."""
     answers, stats = generate(model, tokenizer, prompts, max_new_tokens, batch_size)
     samples = [{"answer": a, "reference": r} for a, r in list(zip(answers, references))[:4]]
-    return {"exact_match": exact_match(answers, references), "rouge_l": rouge_l(answers, references),
-            "bleu": bleu(answers, references), "generate_s": stats["seconds"], "samples": samples}
+    rows = exact_match_rows(answers, references)
+    items = rows_fingerprint({"prompt": p, "answer": r} for p, r in zip(prompts, references))
+    return {"exact_match": sum(rows) / len(references) if references else 0.0, "exact_match_rows": rows,
+            "exact_match_rows_fingerprint": items,
+            "rouge_l": rouge_l(answers, references), "bleu": bleu(answers, references), "generate_s": stats["seconds"],
+            "samples": samples}
 
 
 class StepTimer(TrainerCallback):

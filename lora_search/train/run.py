@@ -128,15 +128,18 @@ def _generation(model, worker: Worker, cfg: RunConfig) -> dict:
         return {}
     scores = evaluate.score(model, worker.base.tokenizer, worker.data.eval_prompts(n), worker.data.eval_answers[:n],
                             cfg.trainer.max_new_tokens, cfg.trainer.eval_batch_size)
-    return scores if cfg.data.exact_match else {k: v for k, v in scores.items() if k != "exact_match"}
+    return scores if cfg.data.exact_match else {k: v for k, v in scores.items() if not k.startswith("exact_match")}
 
 
 def _preference(model, worker: Worker, cfg: RunConfig, pairs) -> dict:
-    """Preference accuracy and log-prob margin of model on tokenized pairs, timed."""
+    """Preference accuracy and log-prob margin of model on tokenized pairs, and per pair whether it prefers the
+    chosen answer (0/1, the paired comparison's rows), timed."""
     t0 = time.perf_counter()
-    scores = dpo.preference_scores(*dpo.pair_logps(model, worker.base.tokenizer, pairs, cfg.trainer.max_length,
-                                                   max(1, cfg.trainer.eval_batch_size // 2)))
-    return {**scores, "preference_s": time.perf_counter() - t0}
+    chosen, rejected = dpo.pair_logps(model, worker.base.tokenizer, pairs, cfg.trainer.max_length,
+                                      max(1, cfg.trainer.eval_batch_size // 2))
+    rows = [int(c > r) for c, r in zip(chosen, rejected)]
+    return {**dpo.preference_scores(chosen, rejected), "preference_rows": rows,
+            "preference_rows_fingerprint": evaluate.tokens_fingerprint(pairs), "preference_s": time.perf_counter() - t0}
 
 
 def baseline(worker: Worker, cfg: RunConfig, trainer, full_eval, peft_model) -> dict:
@@ -164,8 +167,8 @@ def baseline(worker: Worker, cfg: RunConfig, trainer, full_eval, peft_model) -> 
 def train_adapter(worker: Worker, cfg: RunConfig, out_dir: Path, callbacks=(), report_to=(),
                   with_baseline: bool = True, save: bool = True, rows_if=lambda eval_loss: True) -> dict:
     """Attach an adapter to the worker's base, train, evaluate, save it; the base is left as it was. rows_if(eval
-    loss): whether to also record each eval row's loss (a forward pass over the scored rows; trials ask only when
-    they beat the best so far)."""
+    loss): whether to also record each eval row's loss (one forward pass over the scored rows; every trial does, for
+    the report's paired comparison; benchmarks may skip it)."""
     t_start = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.trainer.num_threads:
@@ -218,16 +221,19 @@ def _train(worker: Worker, cfg: RunConfig, out_dir: Path, callbacks, report_to, 
         rows = None
         if cfg.trainer.method == "sft" and not trainer.args.padding_free and rows_if and rows_if(final["eval_loss"]):
             scored = full_eval if cfg.trainer.final_eval == "full" else trainer.eval_dataset
-            rows = evaluate.row_losses(trainer, peft_model, scored)  # the eval noise (padding-free: one flat row)
-        if rows and len(rows) > 1:
+            rows = evaluate.row_losses(trainer, peft_model, scored)  # paired comparisons (padding-free: one flat row)
+        if rows and len(rows) > 1:  # the fingerprint: trials are compared row by row only on the same rows
             metrics.update({"eval_row_losses": [round(x, 5) for x in rows], "eval_loss_rows": len(rows),
-                            "eval_loss_se": stats.standard_error(rows)})
+                            "eval_loss_se": stats.standard_error(rows),
+                            "eval_row_losses_fingerprint": evaluate.tokens_fingerprint(scored)})
         metrics.update({
             "diverged": why,  # None, or why the run diverged (its NaN statistics are then no measurement)
             "eval_loss": final["eval_loss"],
             "perplexity": math.exp(min(final["eval_loss"], 50)) if cfg.trainer.method == "sft" else None,
             **{k: em.get(k) for k in GENERATION_METRICS},  # None: no answers generated (or, exact match, not exact)
             "samples": em.get("samples"),
+            # per item 0/1, and which items: the report compares trials item by item (core/paired)
+            **{k: em[k] for k in ("exact_match_rows", "exact_match_rows_fingerprint") if k in em},
             "exact_match_n": min(cfg.trainer.exact_match_items, len(worker.data.eval_answers))
             if em.get("exact_match") is not None else None,  # the answered items (the Wilson interval's n)
             "train_loss_first": losses[0] if losses else None,
