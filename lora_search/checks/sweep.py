@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 
+from lora_search.checks import space as space_checks
 from lora_search.checks import sweep_settings
 from lora_search.checks.run_config import validate
 from lora_search.config import objectives, samplers
@@ -28,7 +29,7 @@ METRICS = QUALITY_METRICS + ("train_tokens_per_s",)  # what sweep.metric accepts
 def check_sweep(cfg: RunConfig) -> None:
     """Every problem with the sweep file, raised once, before anything trains."""
     s = cfg.sweep
-    problems = space_lib.check_space(s.space) + space_lib.check_inits(cfg) + sweep_settings.max_failures_problems(s) + sweep_settings.objective_problems(s) + \
+    problems = space_checks.check_space(s.space) + space_checks.check_inits(cfg) + sweep_settings.max_failures_problems(s) + sweep_settings.objective_problems(s) + \
         sweep_settings.memory_budget_problems(s)
     own = METRIC_DIRECTIONS.get(s.metric)
     if s.objectives:
@@ -75,7 +76,7 @@ def check_sweep(cfg: RunConfig) -> None:
     for maker in (samplers.make_sampler, samplers.make_pruner):
         maker(cfg)
     trial_cfg = space_lib.trial_base(cfg)
-    for corner in space_lib.corners(s.space) + [dict(e) for e in s.enqueue]:
+    for corner in space_checks.corners(s.space) + [dict(e) for e in s.enqueue]:
         try:
             validate(space_lib.apply(trial_cfg, corner))
         except ConfigError as e:

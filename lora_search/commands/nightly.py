@@ -27,7 +27,7 @@ from lora_search.promote import benchmark
 from lora_search.promote.benchmark import benchmark_stage
 from lora_search.promote.merge import free_memory, load_full_precision, merge_stage
 from lora_search.promote.promotion import load_best, promote_stage
-from lora_search.report import markdown, wandb_summary
+from lora_search.report import study_report, wandb_summary
 from lora_search.search.study import finished, open_study, search_stage, study_dir
 from lora_search.train import tracking
 
@@ -259,7 +259,7 @@ def night_sections(entry: dict, champion: dict) -> list[str]:
     lines += ["", "## Champion history", ""]
     rows = [[h["night"], h["decision"], h.get("candidate_value"), h.get("champion_value_after"),
              ", ".join(h.get("changed") or []), h.get("reason")] for h in champion["history"]]
-    lines += [markdown.table(["night", "decision", f"candidate {metric}", f"champion {metric}", "changed", "why"], rows)]
+    lines += [study_report.table(["night", "decision", f"candidate {metric}", f"champion {metric}", "changed", "why"], rows)]
     if champion.get("champion"):
         c = champion["champion"]
         lines += ["", f"Champion: night {c['night']}, trial #{c['trial']}, {metric} {_num(c['value'])}; "
@@ -272,7 +272,7 @@ def write_night_report(cfg: RunConfig, night_dir: Path, entry: dict, champion: d
     title = f"Night {entry['night']}: study `{entry['study']}`"
     preface = night_sections(entry, champion)
     try:
-        return markdown.write_report(open_study(cfg), cfg, night_dir, title=title, preface=preface)
+        return study_report.write_report(open_study(cfg), cfg, night_dir, title=title, preface=preface)
     except Exception as e:  # noqa: BLE001 - the storage may be what failed tonight
         log.warning("study report unavailable tonight (%s): writing the night's sections only", e)
         path = night_dir / "report.md"

@@ -11,6 +11,7 @@ import socket
 import time
 from collections import OrderedDict
 
+from lora_search.checks import space as space_checks
 from lora_search.checks.run_config import validate
 from lora_search.commands import nightly, train_stage
 from lora_search.config import space as space_lib
@@ -21,7 +22,7 @@ from lora_search.models import adapters, loaders
 from lora_search.models.adapters import init_adapter_dir
 from lora_search.promote import benchmark, merge
 from lora_search.promote.promotion import config_id, load_best, promote_stage
-from lora_search.report import markdown, wandb_summary
+from lora_search.report import study_report, wandb_summary
 from lora_search.scale import promotion_claim
 from lora_search.search import failures, interrupts, memory_budget
 from lora_search.search.study import check_sweep, open_study, search_stage, study_dir
@@ -101,7 +102,7 @@ def preflight_sweep(cfg: RunConfig) -> None:
     trial_cfg = space_lib.trial_base(cfg)
     memory_budget.budget_mb(cfg)  # auto: the free memory now, before any base loads
     over = []  # per model/quantization the space can pick: a budget below the base's own weights fits nothing
-    for corner in [{}] + space_lib.corners(cfg.sweep.space):
+    for corner in [{}] + space_checks.corners(cfg.sweep.space):
         if corner and not any(k.startswith(("lora.", "model.", "quant.")) for k in corner):
             continue
         corner_cfg = space_lib.apply(trial_cfg, corner)
@@ -192,7 +193,7 @@ def _later_stages(cfg: RunConfig, stages, study, workers: Workers, out, t0: floa
             tracking.log_benchmark(full_cfg, out, result)
         _mark_done(out, name, cid)
     if "report" in stages:
-        path = markdown.write_report(study, cfg, out)
+        path = study_report.write_report(study, cfg, out)
         wandb_summary.log_study(study, cfg, out)
         summarize(study, cfg, out)
         log.info("report: %s (%.1f min in all)", path, (time.perf_counter() - t0) / 60)
@@ -201,8 +202,8 @@ def _later_stages(cfg: RunConfig, stages, study, workers: Workers, out, t0: floa
 
 def summarize(study, cfg: RunConfig, out) -> None:
     """Print the trial table and the headline numbers."""
-    header, rows = markdown.trial_rows(study, cfg.sweep.metric)
-    print("\n" + markdown.table(header, rows) + "\n")
+    header, rows = study_report.trial_rows(study, cfg.sweep.metric)
+    print("\n" + study_report.table(header, rows) + "\n")
     bench = records.read_json(out / "benchmark.json")
     if bench and "base" in bench and "tuned" in bench:
         for key in ("eval_loss", "exact_match", "rouge_l", "bleu", "preference_accuracy"):

@@ -11,7 +11,7 @@ import optuna
 import pytest
 
 from lora_search.commands import pipeline, train_stage
-from lora_search.report import markdown
+from lora_search.report import study_report
 from lora_search.search import study as study_lib
 
 SMALL = ["data.train_per_task=24", "data.eval_per_task=6", "++sweep.trial={trainer.max_steps: 8, trainer.eval_every: 4, "
@@ -41,7 +41,7 @@ def test_finished_stages_are_skipped_unless_named_or_forced_and_the_sweep_ends_w
     progress = [r.getMessage() for r in caplog.records if re.match(r"trial \d+/2 (COMPLETE|PRUNED)", r.getMessage())]
     assert len(progress) == 2, progress  # each trial shown as it finishes
     printed = capsys.readouterr().out
-    header = markdown.table(*markdown.trial_rows(study_lib.open_study(cfg), cfg.sweep.metric)).splitlines()[0]
+    header = study_report.table(*study_report.trial_rows(study_lib.open_study(cfg), cfg.sweep.metric)).splitlines()[0]
     assert header.startswith("| # | state |") and header in printed  # the trial table
     assert printed.rstrip().splitlines()[-1] == f"report: {out / 'report.md'}"  # and last, the report's path
 

@@ -11,7 +11,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
-from lora_search.report import confidence, importance, markdown
+from lora_search.report import confidence, importance, study_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DISTRIBUTIONS = {
@@ -88,7 +88,7 @@ def test_report_has_optuna_plots_importances_and_a_self_contained_html(cfg, tmp_
     assert next(iter(shares)) == "trainer.learning_rate" and shares["trainer.learning_rate"] > 0.5
     assert math.isclose(sum(shares.values()), 1.0) and importance.importances(study) == shares  # seeded
 
-    path = markdown.write_report(study, cfg, out)
+    path = study_report.write_report(study, cfg, out)
     md = path.read_text()
     names = ("history", "importances", "intermediate", "parallel", "rank_lr")
     for name in names:
@@ -121,7 +121,7 @@ def test_report_has_optuna_plots_importances_and_a_self_contained_html(cfg, tmp_
 def test_a_study_of_one_trial_still_gets_a_report(cfg, tmp_path):
     out = tmp_path / "rank_lr"
     study = make_study(out, n_trials=1, pruned=())
-    path = markdown.write_report(study, cfg, out)
+    path = study_report.write_report(study, cfg, out)
     md = path.read_text()
     assert "too few complete trials" in md and "## Trials (1: 1 complete)" in md
     assert "![" not in md and not list((out / "plots").glob("*.png"))
@@ -144,7 +144,7 @@ def test_the_report_command_rebuilds_the_report_from_the_storage(tmp_path, tiny_
     assert "## Trials (12: 10 complete, 2 pruned)" in md and "](plots/history.png)" in md
     assert (out / "plots" / "importances.png").read_bytes()[:8] == PNG_MAGIC and (out / "report.html").exists()
     printed = capsys.readouterr().out
-    header = markdown.table(*markdown.trial_rows(optuna.load_study(study_name="rank_lr", storage=f"sqlite:///{out / 'study.db'}"),
+    header = study_report.table(*study_report.trial_rows(optuna.load_study(study_name="rank_lr", storage=f"sqlite:///{out / 'study.db'}"),
                                              "eval_loss")).splitlines()[0]
     assert header.startswith("| # | state | dropout | r | targets | learning_rate | eval_loss |") and header in printed
     assert f"report: {out / 'report.md'}" in printed

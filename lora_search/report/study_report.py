@@ -142,7 +142,7 @@ def write_report(study: optuna.Study, cfg, out: Path, title: str | None = None, 
     shares, drawn = importance.importances(study, cfg.sweep.metric), plots.write_plots(study, cfg, out)
     n_complete = states.count("complete")
     intervals = importance.importance_intervals(study, shares, cfg.sweep.metric)
-    noise = confidence.noise_sentence(confidence.noise(study, cfg.sweep.metric), cfg.sweep.metric)
+    evidence = confidence.paired_sentence(confidence.paired_evidence(study, s.metric), s.metric)
     counts = ", ".join(f"{states.count(k)} {k}" for k in ("complete", "pruned", "infeasible", "fail", "running")
                       if k in states)
     title = title or f"Study `{s.name}`"
@@ -154,7 +154,8 @@ def write_report(study: optuna.Study, cfg, out: Path, title: str | None = None, 
              f"Model `{cfg.model.name}`, data `{cfg.data.name}`, quantization `{cfg.quant.name}`; {objective}; "
              f"sampler {_kind(s.sampler)}, pruner {'none (several objectives)' if several else _kind(s.pruner)}{budget}.",
              "", f"**What mattered.** {importance.importance_sentence(shares, s.metric, n_complete=n_complete, intervals=intervals)}",
-             "", *([f"**Eval noise.** {noise}", ""] if noise else []),
+             "", *([f"**Paired comparison.** {evidence} {confidence.seed_sentence(s.space, cfg.trainer.seed)}", ""]
+                   if evidence else []),
              f"## Trials ({len(states)}: {counts})", ""]
     header, rows = trial_rows(study, s.metric)
     lines += [table(header, rows), ""]
