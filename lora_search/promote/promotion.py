@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from lora_search.config import compose, objectives
 from lora_search.config import space as space_lib
-from lora_search.config.promotion_settings import SEEDS, SETTINGS, TOP_K
+from lora_search.config.promotion_settings import SEEDS, TOP_K
 from lora_search.config.schema import RunConfig
 from lora_search.core import records, stats
 from lora_search.core.errors import ConfigError
@@ -31,11 +31,24 @@ log = logging.getLogger(__name__)
 
 def best_config(cfg: RunConfig, best) -> RunConfig:
     """The sweep config with the trial budget, the best trial's params, then the promotion budget."""
-    params = best.user_attrs.get("params") or best.params
-    trial_cfg = space_lib.apply(space_lib.apply(cfg, dict(cfg.sweep.trial)), params)
-    # The full run is measured on every eval row unless the promotion block says otherwise.
-    overrides = {k: v for k, v in cfg.sweep.promotion.items() if k not in SETTINGS}  # settings, not config keys
-    return space_lib.apply(trial_cfg, {"trainer.final_eval": "full", **overrides})
+    return space_lib.full_config(cfg, best.user_attrs.get("params") or best.params)
+
+
+def _reused(cfg: RunConfig, trial, full_cfg: RunConfig, folder: Path, study_folder: Path) -> dict | None:
+    """The trial's own run as this full run, when the trial trained exactly it (same config but for when it was
+    scored, same seed) and kept its adapter: copied into folder, nothing trained again. None otherwise."""
+    trial_dir = study_folder / "trials" / f"{trial.number:04d}"
+    done = records.read_json(trial_dir / "metrics.json")
+    params = trial.user_attrs.get("params") or trial.params
+    if trial.state != TrialState.COMPLETE or not done or not (trial_dir / "adapter").is_dir() or \
+            not space_lib.same_training(space_lib.apply(space_lib.trial_base(cfg), params), full_cfg):
+        return None
+    if (folder / "adapter").exists():
+        shutil.rmtree(folder / "adapter")
+    shutil.copytree(trial_dir / "adapter", folder / "adapter")
+    log.info("full run of trial #%d, seed %d: the trial trained the promotion budget; its adapter and metrics are "
+             "reused (nothing trained again)", trial.number, full_cfg.trainer.seed)
+    return {k: v for k, v in done.items() if k != "intermediate"} | {"reused_trial": trial.number}
 
 
 def choose(cfg: RunConfig, study) -> tuple[object, dict]:
@@ -129,6 +142,14 @@ def _run(cfg: RunConfig, trial, seed: int, folder: Path, get_worker, force: bool
         log.info("full run of trial #%d, seed %d already done: skipped", trial.number, seed)
         return previous
     value = primary_value(cfg, trial)
+    reused = _reused(cfg, trial, full_cfg, folder, study_folder)
+    if reused is not None:
+        reused.update({"config_id": cid, "trial": trial.number, "seed": seed, "trial_value": value,
+                       "trial_metric": cfg.sweep.metric, "full_value": reused.get(cfg.sweep.metric)})
+        records.write_config(folder / "config.yaml", full_cfg)
+        records.write_json(folder / "metrics.json", reused)
+        records.write_status(folder, "complete", trial=trial.number)
+        return reused
     log.info("full run of trial #%d (%s %.4f in its trial), seed %d: %d steps", trial.number, cfg.sweep.metric,
              value, seed, full_cfg.trainer.max_steps)
     records.write_status(folder, "running", trial=trial.number)

@@ -154,8 +154,10 @@ def objective_fn(cfg: RunConfig, get_worker):
             memo = memory_budget.before_training(trial, trial_cfg, estimator)  # Infeasible: recorded, not trained
             worker = get_worker(trial_cfg)
             used = trained_on(worker)  # recorded whatever the trial's outcome
+            # a trial that trains the promotion's run (all but when it is scored) keeps its adapter: promotion reuses it
+            keep = space_lib.same_training(trial_cfg, space_lib.full_config(cfg, params))
             metrics = train_adapter(worker, trial_cfg, out, callbacks=[callback, tracking.StepLogger(run), watch],
-                                    with_baseline=False, save=False)
+                                    with_baseline=False, save=keep)
             values = [metrics.get(m) for m in names]
             bad = [f"{m} is {v!r}" for m, v in zip(names, values) if not space_lib.finite(v)]
             status, reason = ("failed", "; ".join(bad)) if bad else ("complete", None)

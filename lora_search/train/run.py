@@ -87,12 +87,28 @@ def _attach(worker: Worker, cfg: RunConfig):
 
 
 def _trainer(worker: Worker, peft_model, cfg: RunConfig, out_dir: Path, report_to, callbacks):
-    """The method's TRL trainer and the full tokenized eval set."""
+    """The method's TRL trainer (its evaluations neutral to the random state) and the full tokenized eval set."""
     if cfg.trainer.method == "dpo":
         args = dpo.dpo_config(cfg, out_dir, list(report_to))
-        return dpo.make_trainer(worker, peft_model, args, cfg, callbacks, fresh=not cfg.trainer.init_adapter)
-    args = sft_config(cfg, out_dir, list(report_to), padding_free(cfg, worker.base.model))
-    return make_trainer(worker, peft_model, args, cfg, callbacks)
+        trainer, full_eval = dpo.make_trainer(worker, peft_model, args, cfg, callbacks,
+                                              fresh=not cfg.trainer.init_adapter)
+    else:
+        args = sft_config(cfg, out_dir, list(report_to), padding_free(cfg, worker.base.model))
+        trainer, full_eval = make_trainer(worker, peft_model, args, cfg, callbacks)
+    trainer.evaluate = _random_state_kept(trainer.evaluate)
+    return trainer, full_eval
+
+
+def _random_state_kept(evaluate):
+    """evaluate, leaving torch's random state as it found it: each eval's data loader draws a seed from it, which
+    would shift every later dropout mask. So a run evaluated at its pruner's rungs trains exactly the run that is not
+    evaluated (a trial that reaches the promotion budget is the promotion's run)."""
+    def wrapped(*args, **kwargs):
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            return evaluate(*args, **kwargs)
+
+    return wrapped
 
 
 def prepare_data(worker: Worker, cfg: RunConfig) -> float:
