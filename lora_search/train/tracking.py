@@ -85,6 +85,7 @@ def start(cfg: RunConfig, run_dir: Path, name: str, job_type: str, config: dict 
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    _own_service()
     full = {**records.config_dict(cfg), **records.masked(config or {})}  # secrets masked
     return wandb.init(
         project=cfg.tracking.project, entity=cfg.tracking.entity, dir=str(run_dir), name=name,
@@ -93,6 +94,20 @@ def start(cfg: RunConfig, run_dir: Path, name: str, job_type: str, config: dict 
         settings=wandb.Settings(silent=True, console="off", x_disable_stats=True, disable_git=True,
                                 save_code=False, x_disable_meta=_argv_has_secrets()),
     )
+
+
+def _own_service() -> None:
+    """Have this process start its own W&B service instead of joining one inherited from a parent process.
+
+    wandb saves its service's address in $WANDB_SERVICE (`<version>-<pid of the process that started it>-...`), so a
+    child process joins its parent's service, which it neither owns nor waits for: the parent's service then goes on
+    writing this command's run files and debug logs under results/ after the command has returned. A service this
+    process starts is torn down by wandb's exit hook (`wandb.teardown()`), which waits for it to finish writing."""
+    from wandb import env
+
+    token = os.environ.get(env.SERVICE)
+    if token and token.split("-", 2)[1:2] != [str(os.getpid())]:
+        os.environ.pop(env.SERVICE)
 
 
 def _argv_has_secrets() -> bool:
