@@ -56,11 +56,11 @@ def test_top_k_trains_the_best_trials_with_several_seeds_and_promotes_the_best_m
     # what the adapter learned, recorded with the promoted run
     analysis = json.loads((out / "full" / "weights.json").read_text())
     assert analysis["entries"] and (out / "plots" / "weights_effective_rank.png").is_file()
-    # the best trial recorded its eval rows' losses, so the report states the eval noise around its score
-    assert ranked[0].user_attrs["eval_loss_rows"] == 24 and ranked[0].user_attrs["eval_loss_se"] > 0
+    # every complete trial recorded its eval rows' losses, so the report compares the best with each, row by row
+    assert all(t.user_attrs["eval_loss_rows"] == 24 for t in ranked) and ranked[0].user_attrs["eval_loss_se"] > 0
     md = markdown.write_report(study, cfg, out).read_text()
-    assert f"**Eval noise.** The best trial's eval loss is {ranked[0].value:.4g}, 95% interval" in md
-    assert "from its 24 eval rows' losses" in md and "## What the adapter learned" in md
+    assert f"**Paired comparison.** Trial #{ranked[0].number} (eval_loss {ranked[0].value:.4g})" in md
+    assert "(paired on the same 24 eval rows' losses: Wilcoxon" in md and "## What the adapter learned" in md
     assert "The 2 best trials were re-trained at the full budget" in md and "(mean)" in md
 
 

@@ -1,5 +1,5 @@
-"""How far to trust a study: per-row eval losses, the eval-noise interval, importances with bootstrap intervals and
-a sentence that claims no unsupported ranking, Spearman between short trials and full runs."""
+"""How far to trust a study: per-row eval losses, the paired comparison of trials on them, importances with bootstrap
+intervals and a sentence that claims no unsupported ranking, Spearman between short trials and full runs."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from lora_search.commands import train_stage
 from lora_search.core import stats
 from lora_search.report import confidence, importance
+from lora_search.train import evaluate
 from lora_search.train.run import train_adapter
 
 
@@ -36,6 +37,8 @@ def test_per_row_losses_average_to_the_eval_loss(worker_and_cfg, tmp_path):
     weighted = sum(r * n for r, n in zip(rows, tokens)) / sum(tokens)
     assert weighted == pytest.approx(metrics["eval_loss"], rel=2e-3)
     assert min(rows) < metrics["eval_loss"] < max(rows)
+    # the rows' fingerprint: which tokenized eval rows, in order (trials are paired only on the same ones)
+    assert metrics["eval_row_losses_fingerprint"] == evaluate.tokens_fingerprint(evalset)
 
 
 def _study(values_params: list[tuple[float, dict]], attrs=lambda i: {}, direction="minimize"):
@@ -88,31 +91,39 @@ def test_seven_trials_over_five_parameters_are_called_too_few_to_rank():
     assert "matters most" not in text and "explains" not in text
 
 
-def test_the_eval_noise_interval_warns_when_every_trial_lies_inside_it():
+def test_the_paired_comparison_warns_when_the_best_is_told_apart_from_no_trial():
     rng = random.Random(2)
-    # the 102-row alpaca case: 11 eval rows, trial scores 1.92 to 2.00, the rows' losses spread by about 0.6
-    rows = [1.92 + rng.gauss(0, 0.6) for _ in range(11)]
-    se = stats.standard_error(rows)
+    # the 102-row alpaca case: 11 eval rows, trial scores 1.92 to 2.00, the rows' losses spread by about 0.6; each
+    # trial's rows are the best's plus per-row noise as large as the gaps between trials: nothing is told apart
+    rows = [max(0.01, 1.92 + rng.gauss(0, 0.6)) for _ in range(11)]
     values = [1.92, 1.95, 1.97, 2.00]
+    per_trial = [rows] + [[x + v - 1.92 + rng.gauss(0, 0.15) for x in rows] for v in values[1:]]
     study = _study([(v, _params(rng)) for v in values],
-                   attrs=lambda i: {"eval_loss_se": se, "eval_loss_rows": 11} if i == 0 else {})
-    found = confidence.noise(study, "eval_loss")
-    assert found["trial"] == 0 and found["low"] == pytest.approx(1.92 - 1.959964 * se)
-    assert found["inside"] == [1, 2, 3]
-    text = confidence.noise_sentence(found, "eval_loss")
-    assert "too small to tell these configurations apart" in text and "11 eval rows" in text
+                   attrs=lambda i: {"eval_row_losses": per_trial[i], "eval_row_losses_fingerprint": "f"})
+    found = confidence.paired_evidence(study, "eval_loss")
+    assert found["trial"] == 0 and found["n"] == 11 and found["tied"] == [1, 2, 3] and found["better"] == []
+    text = confidence.paired_sentence(found, "eval_loss")
+    assert "cannot be told apart from #1, #2, #3" in text and "too small for these differences" in text
+    assert "same 11 eval rows' losses" in text
 
+    # the same gaps, every row shifted alike (row difficulty dominates, the configuration's effect is consistent):
+    # the paired comparison tells the trials apart where an interval around the best's mean could not
+    shifted = [rows] + [[x + v - 1.92 for x in rows] for v in values[1:]]
     tight = _study([(v, _params(rng)) for v in values],
-                   attrs=lambda i: {"eval_loss_se": 0.01, "eval_loss_rows": 200} if i == 0 else {})
-    found = confidence.noise(tight, "eval_loss")
-    assert found["inside"] == [] and "0 of the 3 other complete trials lie inside it" in \
-        confidence.noise_sentence(found, "eval_loss")
+                   attrs=lambda i: {"eval_row_losses": shifted[i], "eval_row_losses_fingerprint": "f"})
+    found = confidence.paired_evidence(tight, "eval_loss")
+    assert found["better"] == [1, 2, 3] and "is reliably better than #1, #2, #3" in \
+        confidence.paired_sentence(found, "eval_loss")
+    se = stats.standard_error(rows)
+    assert 1.92 + 1.959964 * se > 2.00  # the old unpaired interval held every trial
     # perplexity: the loss interval, exponentiated
     ppl = stats.score_interval("perplexity", math.exp(1.92), {"eval_loss_se": 0.1, "eval_loss_rows": 11})
     assert ppl["low"] == pytest.approx(math.exp(1.92 - 0.1959964)) and ppl["high"] == pytest.approx(
         math.exp(1.92 + 0.1959964))
-    # no per-row losses recorded: no interval claimed
-    assert confidence.noise(_study([(1.0, _params(rng)), (1.1, _params(rng))]), "eval_loss") is None
+    # no per-row scores recorded: no trial said to be better than another
+    text = confidence.paired_sentence(confidence.paired_evidence(_study([(1.0, _params(rng)), (1.1, _params(rng))]),
+                                                                 "eval_loss"), "eval_loss")
+    assert "no per-row scores recorded" in text and "reliably better than #" not in text
 
 
 def test_exact_match_gets_a_wilson_interval():
