@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 import optuna
+import optuna_dashboard
 
 from lora_search.config.schema import RunConfig
 from lora_search.core.errors import ConfigError
@@ -57,8 +58,6 @@ def page_url(host: str, port: int, study_id: int | None) -> str:
 
 def serve(cfg: RunConfig) -> None:
     """Serve optuna-dashboard for the study's storage at dashboard.host:dashboard.port until interrupted."""
-    import optuna_dashboard
-
     host, port = cfg.dashboard.host, cfg.dashboard.port
     rdb = open_storage(cfg)
     check_port(host, port)

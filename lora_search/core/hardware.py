@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
 import platform
 import subprocess
@@ -62,9 +64,6 @@ def precision(name: str) -> str:
 def release_memory() -> None:
     """Hand freed memory back: CUDA's cached blocks, and on glibc the heap pages free() keeps (after a
     trial, activations and optimizer state freed on the CPU otherwise stay in the worker's RSS)."""
-    import ctypes
-    import gc
-
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -78,8 +77,6 @@ def release_memory() -> None:
 def tensor_memory_mb(model: torch.nn.Module | None = None) -> float:
     """Memory held in tensors: allocated CUDA memory on a GPU, else the bytes of every live CPU tensor's storage
     (`model`'s parameters and buffers counted from it: freeze_long_lived hides them from gc.get_objects())."""
-    import gc
-
     if torch.cuda.is_available():
         return torch.cuda.memory_allocated() / 2**20
     storages = {}
@@ -100,8 +97,6 @@ def freeze_long_lived() -> None:
     accelerate free memory, release_memory); with SmolLM2 loaded each walked ~575k objects, 0.31 s.
     Only objects that exist before any trial are frozen, so a trial's adapter, optimizer and trainer are
     collected as before. Refcounting still frees frozen objects; only cycles among them would be kept."""
-    import gc
-
     gc.collect()
     gc.freeze()
 

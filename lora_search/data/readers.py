@@ -13,6 +13,11 @@ import io
 import json
 from dataclasses import dataclass, field
 
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
 from lora_search.core.errors import DataError
 
 DATA_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}  # suffix -> reader
@@ -166,8 +171,6 @@ def _scalar_text(value):
 
 
 def _textlike(t) -> bool:
-    import pyarrow as pa
-
     if pa.types.is_dictionary(t):
         return _textlike(t.value_type)
     return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
@@ -175,8 +178,6 @@ def _textlike(t) -> bool:
 
 
 def _nested_textlike(t) -> bool:
-    import pyarrow as pa
-
     if pa.types.is_list(t) or pa.types.is_large_list(t):
         return _nested_textlike(t.value_type)
     if pa.types.is_struct(t):
@@ -187,9 +188,6 @@ def _nested_textlike(t) -> bool:
 def arrow_table(table, where: str, place: str = "row") -> Table:
     """A pyarrow table as text: string columns as they are, numbers and booleans as their text (pyarrow's cast);
     list/struct columns of such values (messages) kept nested; other types recorded in `untextable`."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     values, untextable = {}, {}
     for name, column in zip(table.column_names, table.columns):
         t = column.type
@@ -209,8 +207,6 @@ def arrow_table(table, where: str, place: str = "row") -> Table:
 
 def read_parquet(data: bytes, where: str) -> Table:
     """A parquet file through pyarrow (see arrow_table)."""
-    import pyarrow.parquet as pq
-
     try:
         table = pq.read_table(io.BytesIO(data))
     except Exception as e:  # pyarrow's ArrowInvalid and friends
@@ -220,8 +216,6 @@ def read_parquet(data: bytes, where: str) -> Table:
 
 def read_file(path: str, where: str, fmt: str | None = None) -> Table:
     """One file (a local path or an fsspec URL such as hf://...) in format fmt (default: from its suffix)."""
-    import fsspec
-
     fmt = fmt or DATA_SUFFIXES.get("." + str(path).rsplit(".", 1)[-1].lower())
     if fmt is None:
         raise DataError(f"{where}: unsupported file type {path!r}; accepted: {', '.join(DATA_SUFFIXES)}")

@@ -5,10 +5,12 @@ module tree (every target must match), parameter counts on the meta device, atta
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from lora_search.config.schema import LoraSpec, ModelConfig
 from lora_search.core.errors import ConfigError
@@ -128,9 +130,6 @@ FIXED_BY_START = ("lora.r", "lora.alpha", "lora.alpha_ratio", "lora.targets", "l
 def check_start(folder, model: torch.nn.Module) -> list[str]:
     """Problems loading the adapter in folder onto model (its module tree, meta device is enough): targets that
     match no module, weights whose shapes do not fit (an adapter trained on another model)."""
-    import json
-
-    from safetensors import safe_open
 
     where = f"trainer.init_adapter {str(folder)!r}"
     config = json.loads((folder / "adapter_config.json").read_text())

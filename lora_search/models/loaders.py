@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -120,7 +121,6 @@ def _save_atomic(model, tokenizer, folder: Path) -> None:
     try:
         tmp.rename(folder)
     except OSError:  # another worker finished first: theirs is as good as ours
-        import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
 

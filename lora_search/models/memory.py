@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import psutil
 import torch
 
 from lora_search.config.schema import RunConfig
@@ -233,7 +234,6 @@ def auto_budget_mb(device: str | None = None) -> float:
     """sweep.memory_budget_mb=auto: free GPU memory, or on the CPU available memory plus this process's RSS."""
     if _device(device) == "cuda":
         return torch.cuda.mem_get_info()[0] / MB
-    import psutil
 
     return (psutil.virtual_memory().available + psutil.Process().memory_info().rss) / MB
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from huggingface_hub import snapshot_download
 
 from lora_search.config.schema import RunConfig
 from lora_search.core import hardware, records
@@ -116,8 +117,6 @@ def disk_mb(path: str, revision: str | None = None) -> float | None:
     size = weights_mb(path)
     if size is None:
         try:
-            from huggingface_hub import snapshot_download
-
             size = weights_mb(snapshot_download(path, revision=revision, local_files_only=True,
                                                 allow_patterns=["*.safetensors"]))
         except Exception:  # not cached locally: the size is unknown, not an error

@@ -13,6 +13,7 @@ import statistics
 from pathlib import Path
 
 from omegaconf import OmegaConf
+from optuna.study._constrained_optimization import _get_feasible_trials
 from optuna.trial import TrialState
 
 from lora_search.config import compose, objectives
@@ -65,8 +66,6 @@ def choose(cfg: RunConfig, study) -> tuple[object, dict]:
     if len(names) > 1:
         pool = study.best_trials  # the Pareto front, feasible trials only
     else:
-        from optuna.study._constrained_optimization import _get_feasible_trials
-
         pool = _get_feasible_trials(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     if not pool:
         return None, {}
@@ -113,8 +112,6 @@ def candidates(cfg: RunConfig, study, best, pool=None) -> list:
     """The trials to re-train at the promotion budget: `best` first, then the next best complete (feasible) trials
     with other params, top_k in all. One objective and no promotion rule only: a rule or a Pareto front already
     picks its one trial by what it states."""
-    from optuna.study._constrained_optimization import _get_feasible_trials
-
     k, _ = settings(cfg)
     if k <= 1 or len(objective_list(cfg)) > 1 or cfg.sweep.promotion.get("select"):
         return [best]

@@ -16,6 +16,9 @@ import statistics
 import sys
 from pathlib import Path
 
+import numpy as np
+from safetensors.torch import load_file
+
 from lora_search.core import records
 from lora_search.models.adapters import lora_key
 
@@ -83,8 +86,6 @@ def _load(adapter_dir: Path) -> tuple[dict, dict] | None:
         log.info("weight analysis skipped: no adapter_config.json and adapter_model.safetensors in %s", adapter_dir)
         return None
     try:
-        from safetensors.torch import load_file
-
         config = json.loads(config_path.read_text())
         tensors = load_file(str(weights_path), device="cpu")
     except Exception as e:  # an unreadable adapter: the report goes on without the analysis
@@ -179,7 +180,6 @@ def heatmap(analysis: dict, path: Path, what: str = "effective_rank") -> Path | 
     if "matplotlib.pyplot" not in sys.modules:  # files only, never a window (a notebook keeps its backend)
         matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     grid = np.ma.masked_invalid(np.array(_grid(analysis, what), dtype=float))
     layers, modules = analysis["layers"], analysis["modules"]

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 
 import optuna
+from optuna.trial import TrialState
 
 from lora_search.config.schema import RunConfig
 from lora_search.core import processes
@@ -166,8 +167,6 @@ def describe(claim: Claim) -> str:
 def wait_for_search(study: optuna.Study, out, poll_s: float = slots.POLL_S) -> None:
     """Before claiming: wait for trials still running in other workers (a timeout can end workers at different
     times), failing those of dead workers."""
-    from optuna.trial import TrialState
-
     me = worker_id()
     said = False
     while True:

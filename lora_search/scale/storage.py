@@ -18,7 +18,11 @@ import os
 import socket
 from pathlib import Path
 
+import optuna
 import sqlalchemy
+from filelock import FileLock
+from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
 from lora_search.config.schema import RunConfig
@@ -146,7 +150,6 @@ def _creating(url: str):
     if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
         yield
         return
-    from filelock import FileLock
 
     lock = FileLock(f"{parsed.database}.lock", timeout=300)
     try:
@@ -169,8 +172,6 @@ def open_rdb(cfg: RunConfig, **kwargs):
 def open_url(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None,
              heartbeat_stale_trial_callback=None):
     """An Optuna storage for url (see the module docstring), with heartbeats when an interval is given."""
-    import optuna
-
     beats = {"heartbeat_interval": heartbeat_interval, "grace_period": grace_period,
              "heartbeat_stale_trial_callback": heartbeat_stale_trial_callback}
     try:
@@ -188,9 +189,6 @@ def open_url(url: str, heartbeat_interval: int | None = None, grace_period: int 
 
 
 def _open_journal(url: str, beats: dict):
-    import optuna
-    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
-
     path = journal_path(url)
     if not path.parent.is_dir():
         raise ConfigError(f"{masking.STORAGE_KEY} {url!r}: no such folder {str(path.parent)!r} for the journal "
@@ -201,8 +199,6 @@ def _open_journal(url: str, beats: dict):
 
 
 def _open_grpc(url: str, beats: dict):
-    import optuna
-
     try:
         import grpc  # noqa: F401
     except ImportError:
@@ -263,9 +259,6 @@ def check_sharing(study, url: str) -> None:
     """ConfigError when an SQLite study is in use by a worker on another machine: SQLite's file locks do not hold
     over network filesystems, so two machines writing one file corrupt it. Trials whose worker stopped beating are
     failed first (a study moved from another machine is not refused for them)."""
-    import optuna
-    from optuna.trial import TrialState
-
     if kind(url) != "sqlite":
         return
     optuna.storages.fail_stale_trials(study)

@@ -8,6 +8,8 @@ import re
 import time
 
 import torch
+from rouge_score import rouge_scorer, tokenizers
+from sacrebleu.metrics import BLEU
 from transformers import TrainerCallback
 
 from lora_search.config.schema import RunConfig
@@ -82,7 +84,6 @@ def rouge_l(predictions: list[str], references: list[str]) -> float:
     """Mean ROUGE-L F-measure (rouge-score, Porter stemming), 0..1, over the prediction/reference pairs."""
     if not references:
         return 0.0
-    from rouge_score import rouge_scorer, tokenizers
 
     # the tokenizer given explicitly: without one, rouge-score logs through absl, whose first use hangs a handler
     # on the root logger bound to whatever sys.stderr is at that moment (a closed capture file, later, in tests)
@@ -96,7 +97,6 @@ def bleu(predictions: list[str], references: list[str]) -> float:
     score 100, not 0."""
     if not references:
         return 0.0
-    from sacrebleu.metrics import BLEU
 
     scorer = BLEU(effective_order=True)
     result = scorer.corpus_score([normalize(p) for p in predictions], [[normalize(r) for r in references]])

@@ -118,6 +118,27 @@ def test_lora_search_imports_sit_at_module_top():
         f"{m}:{line} -> {t}" for m, t, line in deferred)
 
 
+# Heavy libraries a module may import inside the function that needs them (DESIGN.md, rules of the house): bad input,
+# `dashboard` and `compare` answer without loading them. grpc is an optional extra.
+DEFERRABLE = {"torch", "transformers", "trl", "peft", "datasets", "wandb", "matplotlib", "bitsandbytes", "grpc",
+              "tokenizers", "accelerate"}
+
+
+def test_only_heavy_libraries_are_imported_inside_functions():
+    light = []
+    for name, f in _modules().items():
+        if name == "lora_search.__main__":
+            continue
+        tree = ast.parse(f.read_text())
+        top = {id(n) for n in tree.body} | {id(n) for s in tree.body if isinstance(s, ast.If) for n in s.body}
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
+                mod = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+                if (mod or "").split(".")[0] not in DEFERRABLE | {"lora_search"}:
+                    light.append(f"{name}:{node.lineno} {mod}")
+    assert light == [], "imports inside functions of libraries that are not heavy: " + ", ".join(light)
+
+
 def test_no_module_over_the_line_limit():
     over = {m: n for m, f in _modules().items() if (n := len(f.read_text().splitlines())) > MAX_LINES}
     assert over == {}, f"modules over {MAX_LINES} lines: {over}"
