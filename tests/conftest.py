@@ -152,18 +152,32 @@ def _no_storage_from_earlier_tests():
     os.environ.pop("LORA_SEARCH_STORAGE", None)
 
 
+def _is_capture(stream) -> bool:
+    """Whether stream is one of pytest's per-test capture streams (or masking's wrapper around one): closed once the
+    test that was running when a handler was bound to it ends."""
+    from lora_search.core import masking
+
+    while isinstance(stream, masking._MaskedStream):
+        stream = stream._stream
+    return type(stream).__module__.startswith("_pytest")
+
+
 def _repoint_stray_stream_handlers() -> None:
     """Libraries that set up logging lazily bind a StreamHandler to whatever sys.stderr is at that moment: under
-    pytest, a capture file. absl's handler (rouge-score imports absl) even closes that stream when Hydra's
-    logging setup later shuts the old handlers down, which ends the whole run ('lost sys.stderr'); torch's `torch`
-    logger writes to it after it is closed. Point every such handler (pytest's own left alone) at the real stderr."""
+    pytest, a test's capture stream (masking.install wraps it, and the command's logging.basicConfig and Hydra's
+    handlers bind to that), closed when the test ends: the next test's log lines then print '--- Logging error ---'.
+    absl's handler (rouge-score imports absl) even closes its stream when Hydra's logging setup later shuts the old
+    handlers down, which ends the whole run ('lost sys.stderr'). Point every handler bound to a capture stream at
+    the real stderr, and only those: a handler that owns its stream closes it on shutdown (torch's lazy trace-file
+    handler, a StreamHandler whose stream is None until it logs: pointed at sys.__stderr__ it closed the real stderr
+    under every later test)."""
     import logging
 
     for ref in list(logging._handlerList):  # every handler created, attached to a logger or not
         handler = ref()
         if (isinstance(handler, logging.StreamHandler) and not type(handler).__module__.startswith("_pytest")
-                and not isinstance(handler, (logging.FileHandler, logging._StderrHandler))  # lastResort follows stderr
-                and handler.stream not in (sys.__stderr__, sys.__stdout__)):
+                and not isinstance(handler, logging._StderrHandler)  # lastResort follows sys.stderr by itself
+                and _is_capture(handler.stream)):
             with handler.lock or contextlib.nullcontext():  # not setStream: it flushes the old, maybe closed, stream
                 handler.stream = sys.__stderr__
 
