@@ -10,6 +10,7 @@ import torch
 from lora_search.config.schema import RunConfig
 from lora_search.core import hardware
 
+
 def padding_free(cfg: RunConfig, model) -> bool:
     """Whether this run batches its rows padding-free (`trainer.padding_free`; auto: on with a flash-attention
     kernel, off otherwise; true forces it wherever the attention keeps rows apart)."""
