@@ -55,8 +55,9 @@ def _fresh_env(tmp: Path) -> Path:
     """A venv without pip whose site-packages reach this environment's dependencies, lora_search left out."""
     env = tmp / "env"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", env], check=True)
-    # Inside the env and named site-packages: dill (datasets' fingerprints) pickles modules found elsewhere by value.
-    deps = env / "shared" / "site-packages"
+    # Named site-packages: dill (datasets' fingerprints) pickles modules from a folder not so named by value. Outside
+    # the env: pip never takes it for part of the env (the links lead into this environment's own files).
+    deps = tmp / "shared" / "site-packages"
     deps.mkdir(parents=True)
     here = Path(sysconfig.get_paths()["purelib"])
     for entry in here.iterdir():
