@@ -166,8 +166,11 @@ def machine() -> dict:
 
 
 def git_revision() -> str | None:
-    """The git commit of the lora_search checkout (with +dirty), if it is one."""
-    root = Path(__file__).resolve().parent.parent
+    """The git commit of the lora_search checkout (with +dirty), if it is one; None for an installed copy (a wheel in
+    a virtual environment inside the user's own repository must not record the user's commit as ours)."""
+    root = Path(__file__).resolve().parents[2]  # lora_search/core/hardware.py -> the checkout holding lora_search/
+    if not (root / ".git").exists() or not (root / "pyproject.toml").is_file():
+        return None
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
         if rev.returncode != 0:
