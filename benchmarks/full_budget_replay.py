@@ -4,13 +4,12 @@ learning curves, no training.
 Each design runs a real Optuna study (its own sampler and pruner classes) over the grid's axes; a trial reports the
 values its configuration's recorded run had at the steps the product evaluates (lora_search.train.pruning
 .decision_steps: the rungs, then the last step), one training seed drawn per trial, and the pruner decides. Compute
-is what the trial trained and evaluated, in measured seconds:
+is what the trial trained and evaluated, in training steps (machine-independent; the record gives a step's seconds):
 
-  training      the steps it trained times the configuration's seconds a step (the median over its runs' 5-step
-                segments: a segment slowed by whatever else shared the machine does not move it);
-  evals         one subset eval (its measured seconds) per step the design evaluates at, up to where it stopped;
-                the full eval at the promotion budget where the run gets there (generation is left out: the metric
-                is eval_loss, and every design promotes once).
+  training      the steps it trained, one each;
+  evals         one subset eval per step the design evaluates at, up to where it stopped, and the full eval at the
+                promotion budget where the run gets there, each at its measured cost in steps (Costs); generation is
+                left out: the metric is eval_loss, and every design promotes once.
 
 Designs: today's (10-step trials with their own schedule, median pruner, the top-k re-trained at the promotion
 budget: each re-run is a 40-step run of the grid, seed drawn), and designs whose trials run the promotion budget's
@@ -118,10 +117,10 @@ def seed_noise(table: dict, steps=NOISE_STEPS) -> dict:
 
 @dataclass
 class Costs:
-    """Measured seconds per configuration: a training step at the promotion budget's schedule, one subset eval,
-    the full eval; today's 10-step trials' step and subset eval likewise. Each is a median over the configuration's
-    runs and segments (a segment: the 5 steps between two evals), so a segment slowed by whatever else shared the
-    machine does not move it."""
+    """Compute in training steps: a step costs 1 for every configuration (the rank moves a step's time little next
+    to this machine's own noise), a subset eval and the full eval cost what they were measured to cost in steps of
+    the same run (eval seconds over the run's seconds a step; the median over the grid's runs, so a run slowed by
+    whatever else shared the machine moves neither); today's 10-step trials likewise."""
 
     step: dict
     subset_eval: dict
@@ -130,7 +129,7 @@ class Costs:
     short_eval: dict
 
     def trial(self, design: Design, name: str, stopped_at: int | None, evals: int) -> float:
-        """A trial's seconds: training to where it stopped (None: it ran its steps), its subset evals and, for a
+        """A trial's compute: training to where it stopped (None: it ran its steps), its subset evals and, for a
         full-budget trial that ran to the end, the full eval."""
         if design.steps == SHORT_STEPS:
             return (stopped_at or SHORT_STEPS) * self.short_step[name] + evals * self.short_eval[name]
@@ -142,26 +141,28 @@ class Costs:
         return FULL_STEPS * self.step[name] + self.full_eval[name]
 
 
-def _step_s(c: dict) -> float:
-    rates = []
-    for r in c["runs"].values():
-        marks = sorted(r["train_s"].items())
-        rates += [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip([(0, 0.0), *marks], marks)]
-    return statistics.median(rates)
+def step_seconds(run: dict) -> float:
+    """A run's seconds a training step: the median over its 5-step segments (between two evals)."""
+    marks = sorted(run["train_s"].items())
+    return statistics.median((t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip([(0, 0.0), *marks], marks))
 
 
-def _eval_s(c: dict) -> float:
-    return statistics.median(e for r in c["runs"].values() for e in r["eval_s"].values())
+def eval_steps(table: dict) -> tuple[float, float]:
+    """A subset eval and the full eval in training steps: each run's eval seconds over its seconds a step, the
+    median over the runs."""
+    runs = [r for c in table.values() for r in c["runs"].values()]
+    subset = statistics.median(statistics.median(r["eval_s"].values()) / step_seconds(r) for r in runs)
+    full = statistics.median(r["final_eval_s"] / step_seconds(r) for r in runs)
+    return subset, full
 
 
 def costs(full: dict, short: dict | None) -> Costs:
     """The cost model from the grid's measured timings."""
-    short = short or {}
-    return Costs(step={k: _step_s(c) for k, c in full.items()}, subset_eval={k: _eval_s(c) for k, c in full.items()},
-                 full_eval={k: statistics.median(r["final_eval_s"] for r in c["runs"].values())
-                            for k, c in full.items()},
-                 short_step={k: _step_s(c) for k, c in short.items()},
-                 short_eval={k: _eval_s(c) for k, c in short.items()})
+    subset, whole = eval_steps(full)
+    short_subset = eval_steps(short)[0] if short else 0.0
+    return Costs(step=dict.fromkeys(full, 1.0), subset_eval=dict.fromkeys(full, subset),
+                 full_eval=dict.fromkeys(full, whole), short_step=dict.fromkeys(short or {}, 1.0),
+                 short_eval=dict.fromkeys(short or {}, short_subset))
 
 
 def grid_compute(table_truth: dict, cost: Costs) -> float:
@@ -185,9 +186,9 @@ def _pruner(design: Design):
     return make_pruner(SimpleNamespace(sweep=SimpleNamespace(pruner=dict(design.pruner))))
 
 
-def replay(design: Design, grid: dict, axes: dict, seed: int, budget_s: float, cost: Costs, true: dict,
+def replay(design: Design, grid: dict, axes: dict, seed: int, budget: float, cost: Costs, true: dict,
            min_trials: int = 0, order: tuple = ()) -> list[dict]:
-    """One sampler seed of a design searching the grid until its search compute reaches budget_s (and at least
+    """One sampler seed of a design searching the grid until its search compute reaches budget (and at least
     min_trials trials). `order`: configurations (params dicts) enqueued first (the tests). Returns one row per
     trial: its configuration, drawn seed, state, the step it stopped at, its cost, the search's compute so far and,
     were the search stopped there, the promoted configuration, the re-runs' seconds and the total compute."""
@@ -202,7 +203,7 @@ def replay(design: Design, grid: dict, axes: dict, seed: int, budget_s: float, c
     dists = {k: optuna.distributions.CategoricalDistribution(v) for k, v in axes.items()}
     steps = report_steps(design)
     spent, steps_spent, rows, observed, rerun_seed = 0.0, 0, [], {}, {}
-    while spent < budget_s or len(rows) < min_trials:
+    while spent < budget or len(rows) < min_trials:
         trial = study.ask(dists)
         name = ",".join(f"{k.split('.')[-1]}={trial.params[k]}" for k in axes)
         drawn = rng.choice(seeds)
@@ -214,27 +215,27 @@ def replay(design: Design, grid: dict, axes: dict, seed: int, budget_s: float, c
             if (step < design.steps or design.prune_last) and trial.should_prune():
                 stopped = step
                 break
-        cost_s = cost.trial(design, name, stopped, evals)
-        spent += cost_s
+        trial_cost = cost.trial(design, name, stopped, evals)
+        spent += trial_cost
         steps_spent += design.steps if stopped is None else stopped
         if stopped is not None:
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         else:
             study.tell(trial, run["value"])
             observed[name] = min(observed.get(name, math.inf), run["value"])
-        promoted, promotion_s, promotion_steps = None, 0.0, 0
+        promoted, promotion, promotion_steps = None, 0.0, 0
         if observed and design.top_k:
             top = sorted(observed, key=observed.get)[:design.top_k]
             for c in top:
                 rerun_seed.setdefault(c, rerun_rng.choice(seeds))
             reruns = {c: grid["full"][c]["runs"][rerun_seed[c]]["value"] for c in top}
-            promoted, promotion_s = min(reruns, key=reruns.get), sum(cost.full_run(c) for c in top)
+            promoted, promotion = min(reruns, key=reruns.get), sum(cost.full_run(c) for c in top)
             promotion_steps = FULL_STEPS * len(top)
         elif observed:
             promoted = min(observed, key=observed.get)
         rows.append({"trial": len(rows), "config": name, "seed": drawn, "state": "complete" if stopped is None else "pruned",
-                     "stopped_at": design.steps if stopped is None else stopped, "cost_s": cost_s, "compute_s": spent,
-                     "promoted": promoted, "promotion_s": promotion_s, "total_s": spent + promotion_s,
+                     "stopped_at": design.steps if stopped is None else stopped, "cost": trial_cost, "compute": spent,
+                     "promoted": promoted, "promotion": promotion, "total": spent + promotion,
                      "total_steps": steps_spent + promotion_steps,
                      "promoted_true": true.get(promoted) if promoted else None})
     return rows
@@ -242,10 +243,10 @@ def replay(design: Design, grid: dict, axes: dict, seed: int, budget_s: float, c
 
 # ---- figures ----
 
-def answer_at(rows: list[dict], budget_s: float) -> dict | None:
+def answer_at(rows: list[dict], budget: float) -> dict | None:
     """The search's answer at a compute budget: the last trial whose search and re-runs fit in it (None: nothing
     promoted within it)."""
-    fit = [r for r in rows if r["total_s"] <= budget_s + 1e-9 and r["promoted"] is not None]
+    fit = [r for r in rows if r["total"] <= budget + 1e-9 and r["promoted"] is not None]
     return fit[-1] if fit else None
 
 
@@ -259,28 +260,28 @@ def _quantile(values: list[float], q: float) -> float | None:
     return None if math.isinf(v) else v
 
 
-def figures(runs: list[list[dict]], true: dict, noise: float, budget_s: float, grid_s: float) -> dict:
+def figures(runs: list[list[dict]], true: dict, noise: float, budget: float, grid_cost: float) -> dict:
     """A design over its sampler seeds at one compute budget: the share whose promoted configuration's true score
     lies within `noise` of the grid's best, the gap's median (relative to the best; no answer counts as infinite),
     the compute its answers used and its trials."""
     best = min(true.values())
-    answers = [answer_at(rows, budget_s) for rows in runs]
+    answers = [answer_at(rows, budget) for rows in runs]
     gaps = [(a["promoted_true"] - best) if a else math.inf for a in answers]
     return {
-        "budget_s": budget_s, "budget_fraction_of_grid": budget_s / grid_s, "seeds": len(runs),
+        "budget": budget, "budget_fraction_of_grid": budget / grid_cost, "seeds": len(runs),
         "p_within_seed_noise": sum(g <= noise + 1e-12 for g in gaps) / len(runs),
         "gap_median": _median([g / abs(best) for g in gaps]),
         "gap_abs_median": _median(gaps),
         "no_answer": sum(a is None for a in answers),
-        "compute_s_median": _median([a["total_s"] for a in answers if a]),
-        "compute_fraction_median": _median([a["total_s"] / grid_s for a in answers if a]),
+        "compute_median": _median([a["total"] for a in answers if a]),
+        "compute_fraction_median": _median([a["total"] / grid_cost for a in answers if a]),
         "trials_median": _median([a["trial"] + 1 for a in answers if a]),
         "steps_trained_median": _median([a["total_steps"] for a in answers if a]),
         "promoted": [a["promoted"] if a else None for a in answers],
     }
 
 
-def curve(runs: list[list[dict]], true: dict, grid_s: float, top_fraction: float, points: int = 25) -> list[dict]:
+def curve(runs: list[list[dict]], true: dict, grid_cost: float, top_fraction: float, points: int = 25) -> list[dict]:
     """Best-so-far against compute: the promoted configuration's true gap (relative to the grid's best; median and
     quartiles over the sampler seeds, no answer counting as infinite) at evenly spaced shares of the grid's
     compute."""
@@ -289,7 +290,7 @@ def curve(runs: list[list[dict]], true: dict, grid_s: float, top_fraction: float
         fraction = top_fraction * i / points
         gaps = []
         for rows in runs:
-            a = answer_at(rows, fraction * grid_s)
+            a = answer_at(rows, fraction * grid_cost)
             gaps.append((a["promoted_true"] - best) / abs(best) if a else math.inf)
         out.append({"compute_fraction": round(fraction, 4), "gap_median": _median(gaps),
                     "gap_q1": _quantile(gaps, 0.25), "gap_q3": _quantile(gaps, 0.75)})
@@ -310,12 +311,12 @@ def spearman_by_step(full: dict, true: dict) -> dict:
 
 # ---- the record ----
 
-def _winner(by_design: dict, budget: str) -> str:
+def winner(by_design: dict, budget: str) -> str:
     """The design most often within the seed noise at that budget; ties: the smaller median gap, then less compute."""
     def rank(name):
         f = by_design[name]["at"][budget]
         return (-f["p_within_seed_noise"], math.inf if f["gap_median"] is None else f["gap_median"],
-                f["compute_s_median"] or math.inf)
+                f["compute_median"] or math.inf)
     return min(by_design, key=rank)
 
 
@@ -328,35 +329,40 @@ def compare(grid: dict, axes: dict, all_designs: list[Design], n_trials: int, sa
     noise_all = seed_noise(grid["full"])
     noise = noise_all["full"]["median_abs_diff"]
     cost = costs(grid["full"], grid.get("short"))
-    grid_s = grid_compute(true, cost)
+    grid_cost = grid_compute(true, cost)
     replayable = [d for d in all_designs if d.steps == FULL_STEPS or grid.get("short")]
     today = next((d for d in replayable if d.top_k), None)
     seeds = list(range(sampler_seeds))
     if budget_fraction is None and today is not None:
         shipped = [replay(today, grid, axes, s, 0.0, cost, true, min_trials=n_trials)[n_trials - 1] for s in seeds]
-        budget = statistics.median(r["total_s"] for r in shipped)
+        budget = statistics.median(r["total"] for r in shipped)
     else:
-        budget = (budget_fraction or 0.25) * grid_s
+        budget = (budget_fraction or 0.25) * grid_cost
     budgets = {"equal": budget, "double": 2 * budget}
-    top_fraction = max(0.5, 1.1 * budgets["double"] / grid_s)
+    top_fraction = max(0.5, 1.1 * budgets["double"] / grid_cost)
     out = {}
     for d in replayable:
-        runs = [replay(d, grid, axes, s, top_fraction * grid_s, cost, true, min_trials=n_trials if d.top_k else 0)
+        runs = [replay(d, grid, axes, s, top_fraction * grid_cost, cost, true, min_trials=n_trials if d.top_k else 0)
                 for s in seeds]
         out[d.name] = {"design": {"sampler": d.sampler, "pruner": d.pruner, "trial_steps": d.steps,
                                   "top_k": d.top_k, "report_steps": report_steps(d), "prune_last": d.prune_last},
-                       "at": {k: figures(runs, true, noise, b, grid_s) for k, b in budgets.items()},
-                       "curve": curve(runs, true, grid_s, top_fraction)}
+                       "at": {k: figures(runs, true, noise, b, grid_cost) for k, b in budgets.items()},
+                       "curve": curve(runs, true, grid_cost, top_fraction)}
         if d.top_k:
-            out[d.name]["as_shipped"] = figures([r[:n_trials] for r in runs], true, noise, math.inf, grid_s)
+            out[d.name]["as_shipped"] = figures([r[:n_trials] for r in runs], true, noise, math.inf, grid_cost)
     best = min(true, key=true.get)
     return {"configurations": len(true), "best": best, "best_value": true[best],
             "true": dict(sorted(true.items(), key=lambda kv: kv[1])), "seed_noise": noise_all,
             "seed_noise_short": seed_noise(grid["short"], (5, 10)) if grid.get("short") else None,
             "within_noise_of_best": sorted(k for k, v in true.items() if v - true[best] <= noise),
-            "spearman_by_step": spearman_by_step(grid["full"], true), "grid_compute_s": grid_s,
-            "budgets_s": budgets, "budget_fraction": budget / grid_s, "designs": out,
-            "winner_at_equal_compute": _winner(out, "equal"), "winner_at_double_compute": _winner(out, "double")}
+            "spearman_by_step": spearman_by_step(grid["full"], true), "grid_compute": grid_cost,
+            "cost_in_steps": {"subset_eval": next(iter(cost.subset_eval.values())),
+                              "full_eval": next(iter(cost.full_eval.values())),
+                              "short_subset_eval": next(iter(cost.short_eval.values()), None)},
+            "step_seconds_median": statistics.median(step_seconds(r) for c in grid["full"].values()
+                                                     for r in c["runs"].values()),
+            "budgets": budgets, "budget_fraction": budget / grid_cost, "designs": out,
+            "winner_at_equal_compute": winner(out, "equal"), "winner_at_double_compute": winner(out, "double")}
 
 
 def plot(result: dict, path, title: str) -> None:
