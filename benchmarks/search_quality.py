@@ -457,6 +457,11 @@ def full_budget_record(a, storage: str, out: Path) -> int:
                      "equal_compute": "today's design's compute at its shipped n_trials (12 trials + the top-3 "
                                       "re-runs), median over the sampler seeds; every design is read at that compute "
                                       "and at twice it",
+                     "observation": "a trial reads one training seed's run, drawn per trial (the product trains every "
+                                    "trial with one trainer.seed: the draw stands for that seed's luck); today's "
+                                    "re-runs draw a seed per configuration; a trial is told its run's full eval",
+                     "product_match": "rung pruners are asked at the rungs below the last step only; today's median "
+                                      "pruner is asked at every eval, the last included, as PruningCallback does",
                      "cost_model": " ".join(" ".join(fr.__doc__.split("\n\n")[1:3]).split()),
                      "chosen_here": "the defaults (design, pruner, rungs) are chosen on this grid (data seed "
                                     f"{main_specs[0].data_seed}); the confirmation grid checks them on data they "
