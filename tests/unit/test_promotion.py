@@ -12,7 +12,7 @@ from lora_search.commands import pipeline
 from lora_search.core import records
 from lora_search.core.errors import ConfigError
 from lora_search.promote import promotion
-from lora_search.report import markdown
+from lora_search.report import study_report
 from lora_search.search import study as study_lib
 
 SMALL = ["data.train_per_task=24", "data.eval_per_task=6", "sweep.pruner=none", "tracking=none",
@@ -58,7 +58,7 @@ def test_top_k_trains_the_best_trials_with_several_seeds_and_promotes_the_best_m
     assert analysis["entries"] and (out / "plots" / "weights_effective_rank.png").is_file()
     # every complete trial recorded its eval rows' losses, so the report compares the best with each, row by row
     assert all(t.user_attrs["eval_loss_rows"] == 24 for t in ranked) and ranked[0].user_attrs["eval_loss_se"] > 0
-    md = markdown.write_report(study, cfg, out).read_text()
+    md = study_report.write_report(study, cfg, out).read_text()
     assert f"**Paired comparison.** Trial #{ranked[0].number} (eval_loss {ranked[0].value:.4g})" in md
     assert "(paired on the same 24 eval rows' losses: Wilcoxon" in md and "## What the adapter learned" in md
     assert "The 2 best trials were re-trained at the full budget" in md and "(mean)" in md
@@ -100,7 +100,7 @@ def test_a_runner_up_whose_full_run_wins_is_promoted_and_misleading_short_trials
     assert promo["spearman"] == pytest.approx(-1.0) and "short trials mislead here" in promo["warning"]
     assert (out / "full" / "adapter" / "adapter_model.safetensors").read_bytes() == b"trial 2"
     assert "promoted: trial #2, the best full run of the 3 best trials" in (out / "best.yaml").read_text()
-    md = markdown.write_report(study, cfg, out).read_text()
+    md = study_report.write_report(study, cfg, out).read_text()
     assert "## Promoted trial: #2" in md and "the best short trial was #0, but its full run lost" in md
     assert "Spearman's rank correlation between trial and full-run scores over these 3 configurations: -1.00" in md
     assert "**Warning: short trials mislead here" in md
