@@ -46,7 +46,7 @@ def test_quick_run_writes_every_approach_with_its_figures(quick):
             assert trial["wall_s"] > 0 and set(trial["params"]) == SPACE, (name, trial)
             if trial["state"] == "complete":
                 assert trial["steps"] == 4 and trial["train_step_s"] > 0 and trial["eval_s"] > 0, (name, trial)
-                assert trial["setup_s"] is not None, (name, trial)
+                assert trial["setup_s"] >= 0, (name, trial)
     assert written["approaches"]["lora_search"]["model_loads"] == 1
     hand = written["approaches"]["handwritten"]
     assert hand["model_loads"] == 2 and hand["pruned"] == 0
@@ -129,7 +129,9 @@ def test_overhead_probe_times_every_trial_and_finds_no_leaked_adapter_or_optimiz
     # Between trials the worker holds no PeftModel, LoRA layer or optimizer: each trial's adapter is gone.
     assert written["live_objects_between_trials"] and all(
         (e["peft_models"], e["lora_layers"], e["optimizers"]) == (0, 0, 0) for e in written["live_objects_between_trials"])
-    assert len(written["memory_mb_after_trial"]) == 3 and result["memory_growth"] is not None
+    held, r = written["memory_mb_after_trial"], 0.05  # after trial 1, 2, 3, rounded to 0.1 MB
+    assert len(held) == 3 and written["memory_growth"] == result["memory_growth"]
+    assert (held[-1] - r - held[0] - r) / (held[0] + r) <= result["memory_growth"] <= (held[-1] + r - held[0] + r) / (held[0] - r)
     # the base model's weights are held (counted although the worker froze them out of gc's lists)
     assert min(written["memory_mb_after_trial"]) > 0.1
     assert written["provenance"]["machine"]["cores"] >= 1

@@ -173,8 +173,10 @@ def test_search_prunes_an_absurd_learning_rate_and_records_every_trial(make_cfg)
     assert metrics["pruned_at_step"] < 8  # stopped before its budget
     done = json.loads((_trials_dir(cfg) / "0000" / "metrics.json").read_text())
     assert done["intermediate"] and done["steps"] == 8
-    for key in ("eval_loss", "exact_match", "train_tokens_per_s", "peak_memory_mb", "trainable_params", "wall_s"):
-        assert done[key] is not None and study.trials[0].user_attrs[key] is not None
+    for key in ("eval_loss", "train_tokens_per_s", "peak_memory_mb", "trainable_params", "wall_s"):
+        assert isinstance(done[key], (int, float)) and math.isfinite(done[key]) and done[key] > 0, key
+        assert study.trials[0].user_attrs[key] == pytest.approx(done[key]), key  # the study holds what was written
+    assert 0.0 <= done["exact_match"] <= 1.0 and study.trials[0].user_attrs["exact_match"] == done["exact_match"]
     params = json.loads((_trials_dir(cfg) / "0000" / "params.json").read_text())
     assert set(params) == set(cfg.sweep.space)
     assert (_trials_dir(cfg) / "0000" / "config.yaml").exists()
@@ -233,7 +235,7 @@ def test_full_pipeline_promotes_merges_benchmarks_and_reports(make_cfg, caplog, 
     best = json.loads((out / "best.json").read_text())
     assert (out / "best.yaml").exists() and best["trial"] in (0, 1)
     full = json.loads((out / "full" / "metrics.json").read_text())
-    assert full["steps"] == 12 and full["trial_value"] == best["value"] and full["full_value"] is not None
+    assert full["steps"] == 12 and full["trial_value"] == best["value"] and full["full_value"] == full["eval_loss"]
     merged = out / "full" / "merged"
     model = AutoModelForCausalLM.from_pretrained(merged)
     assert not any("lora" in n for n, _ in model.named_modules())
