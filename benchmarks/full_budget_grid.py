@@ -125,6 +125,10 @@ def progress(storage: str, spec: GridSpec) -> dict:
 class _Stop(Exception):
     """SIGTERM during a run: the trial is failed and the grid stops cleanly."""
 
+    def __init__(self, sender: str = ""):
+        super().__init__(sender)
+        self.sender = sender
+
 
 def run_grid(storage: str, spec: GridSpec, train_fn: Callable[[dict], dict], max_runs: int | None = None,
              deadline: float | None = None, max_failures: int = 3) -> dict:
@@ -166,8 +170,9 @@ def run_grid(storage: str, spec: GridSpec, train_fn: Callable[[dict], dict], max
             t0 = time.perf_counter()
             try:
                 run = train_fn(dict(trial.params))
-            except (KeyboardInterrupt, _Stop):
-                trial.set_user_attr("fail_reason", "interrupted")
+            except (KeyboardInterrupt, _Stop) as e:
+                trial.set_user_attr("fail_reason", f"interrupted ({type(e).__name__}{' ' + str(e) if str(e) else ''})")
+                log.info("%s: interrupted (%s %s) at %s", spec.study, type(e).__name__, e, time.strftime("%H:%M:%S"))
                 _tell(study, trial, state=optuna.trial.TrialState.FAIL)
                 stopped = "interrupted"
                 break
@@ -214,7 +219,7 @@ def _main_thread() -> bool:
 
 
 def _raise_stop(signum, frame):
-    raise _Stop()
+    raise _Stop(f"signal {signum}")
 
 
 def _short(params: dict) -> str:
