@@ -110,7 +110,7 @@ def test_a_two_objective_sweep_keeps_a_front_promotes_by_the_rule_and_reports_it
                       "among trials within 2% of the lowest eval_loss")
     report = (study_lib.study_dir(cfg) / "report.md").read_text()
     assert "## Pareto front" in report and f"Promoted: #{expected}" in report
-    assert (study_lib.study_dir(cfg) / "plots" / "objectives.png").stat().st_size > 1000
+    assert (study_lib.study_dir(cfg) / "plots" / "pareto.png").stat().st_size > 1000
     full = json.loads((study_lib.study_dir(cfg) / "full" / "metrics.json").read_text())
     assert full["trial"] == expected and full["trial_value"] == pytest.approx(study.trials[expected].values[0])
 
