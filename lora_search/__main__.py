@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 
-from lora_search.core.errors import LoraSearchError
+from lora_search.core.errors import LoraSearchError, RunDiverged
 
 log = logging.getLogger("lora_search")
 EXIT_USAGE = 2
@@ -70,6 +70,10 @@ def run(cfg) -> None:
                 train_stage.train_stage(run_cfg)
             except KeyboardInterrupt as e:
                 sys.exit(interrupts.exit_code(e, resumable=False))
+            except RunDiverged as e:  # trained, recorded (status failed, its NaN metrics kept): no traceback
+                print(f"error: the run {e}; lower trainer.learning_rate or set trainer.max_grad_norm",
+                      file=sys.stderr)
+                sys.exit(1)
     else:
         validate(run_cfg)
         # the user's config folders (--config-dir, hydra.searchpath) go with the overrides to the extra workers

@@ -8,6 +8,7 @@ from __future__ import annotations
 import gc
 import logging
 import socket
+import sys
 import time
 from collections import OrderedDict
 
@@ -17,7 +18,7 @@ from lora_search.commands import nightly, train_stage
 from lora_search.config import space as space_lib
 from lora_search.config.schema import RunConfig
 from lora_search.core import hardware, records
-from lora_search.core.errors import ConfigError
+from lora_search.core.errors import ConfigError, RunDiverged
 from lora_search.models import adapters, loaders
 from lora_search.models.adapters import init_adapter_dir
 from lora_search.promote import benchmark, merge
@@ -142,6 +143,9 @@ def run(cfg: RunConfig, overrides: list[str] = ()) -> int:
             return _run(cfg, overrides)
         except (KeyboardInterrupt, failures.TooManyFailures) as e:
             return interrupts.exit_code(e)
+        except RunDiverged as e:  # recorded (status failed, metrics kept); one line, no traceback
+            print(f"error: {e}; lower trainer.learning_rate or set trainer.max_grad_norm", file=sys.stderr)
+            return 1
 
 
 def _run(cfg: RunConfig, overrides: list[str] = ()) -> int:

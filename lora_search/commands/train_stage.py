@@ -13,7 +13,7 @@ from lora_search.checks.run_config import validate
 from lora_search.checks.task_data import check_kind, task_data
 from lora_search.config.schema import RunConfig
 from lora_search.core import hardware, records
-from lora_search.core.errors import ConfigError
+from lora_search.core.errors import ConfigError, RunDiverged
 from lora_search.data import quality_report
 from lora_search.models import adapters, loaders
 from lora_search.models.adapters import init_adapter_dir
@@ -102,6 +102,10 @@ def train_stage(cfg: RunConfig) -> Path:
     metrics.update(quality_report.summary(data.report))
     records.write_json(run_dir / "data_report.json", {"fingerprint": data.fingerprint, **data.report})
     records.write_json(run_dir / "metrics.json", metrics)
+    if metrics.get("diverged"):  # trained to the end, but its loss is NaN or infinite: no adapter to hand over
+        records.write_status(run_dir, "failed", reason=metrics["diverged"])
+        tracking.finish(run, {**metrics, "status": "failed"}, tags=["failed", "diverged"], exit_code=1)
+        raise RunDiverged(metrics["diverged"], run_dir)
     records.write_status(run_dir, "complete")
     tracking.log_dir_artifact(run, run_dir / "adapter", f"adapter-{run_dir.name}", "model", metrics)
     tracking.finish(run, {**metrics, "status": "complete"}, tags=["complete"])

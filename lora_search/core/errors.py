@@ -17,3 +17,11 @@ class ConfigError(LoraSearchError):
 
 class DataError(LoraSearchError):
     """The data cannot be loaded or does not have the columns of its layout."""
+
+
+class RunDiverged(Exception):
+    """A run trained to its end with a NaN or infinite loss: recorded as failed (its metrics kept), exit code 1."""
+
+    def __init__(self, reason: str, run_dir):
+        self.reason, self.run_dir = reason, run_dir
+        super().__init__(f"{reason} (recorded in {run_dir})")

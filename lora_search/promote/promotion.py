@@ -21,7 +21,7 @@ from lora_search.config import space as space_lib
 from lora_search.config.promotion_settings import SEEDS, TOP_K
 from lora_search.config.schema import RunConfig
 from lora_search.core import records, stats
-from lora_search.core.errors import ConfigError
+from lora_search.core.errors import ConfigError, RunDiverged
 from lora_search.promote import weights
 from lora_search.search.study import best_trial, objective_list, study_dir
 from lora_search.train import tracking
@@ -166,8 +166,10 @@ def _run(cfg: RunConfig, trial, seed: int, folder: Path, get_worker, force: bool
                     "trial_metric": cfg.sweep.metric, "full_value": metrics.get(cfg.sweep.metric)})
     records.write_config(folder / "config.yaml", full_cfg)
     records.write_json(folder / "metrics.json", metrics)
-    records.write_status(folder, "complete", trial=trial.number)
-    tracking.finish(run, {**metrics, "status": "complete"}, tags=["complete"])
+    status = "failed" if metrics.get("diverged") else "complete"  # a diverged full run: its NaN score never wins
+    records.write_status(folder, status, metrics.get("diverged"), trial=trial.number)
+    tracking.finish(run, {**metrics, "status": status}, tags=[status] + (["diverged"] if metrics.get("diverged") else []),
+                    exit_code=1 if metrics.get("diverged") else 0)
     return metrics
 
 
@@ -224,6 +226,10 @@ def promote_stage(cfg: RunConfig, study, get_worker, force: bool = False, out: P
              **_spread([runs[t.number, s].get("full_value") for s in seeds])} for t in pool]
     maximize = cfg.sweep.direction == "maximize"
     scored = [r for r in rows if r["full_mean"] is not None]
+    if not scored:  # every full run diverged: there is nothing to promote, merge or benchmark
+        why = next((r["diverged"] for r in runs.values() if r.get("diverged")), "no full run has a finite score")
+        records.write_status(out / "full", "failed", why)
+        raise RunDiverged(f"every full run of the promotion diverged ({why})", out / "full")
     winner_row = (max if maximize else min)(scored, key=lambda r: r["full_mean"]) if scored else rows[0]
     winner = next(t for t in pool if t.number == winner_row["trial"])
     agree = agreement(cfg, rows)

@@ -128,6 +128,45 @@ def test_a_train_runs_status_records_provenance_and_a_failed_run_its_reason(make
     assert not (run_dir.parent / "broken" / "metrics.json").exists()
 
 
+def test_a_train_run_that_diverges_is_recorded_failed_with_its_metrics_and_exits_1(make_cfg, monkeypatch, capsys):
+    """Trained to the end with a NaN loss: status failed with the divergence as its reason, the NaN metrics kept
+    (visible, not filtered), and the command exits 1 with one line, no traceback."""
+    from lora_search import __main__ as main
+    from lora_search.commands import train_stage
+    from lora_search.core.errors import RunDiverged
+
+    fast = [*TINY_FAST, "trainer.max_steps=3", "trainer.eval_every=0", "trainer.exact_match_items=0",
+            "trainer.learning_rate=1e30", "trainer.max_grad_norm=1e30", "trainer.logging_steps=1"]
+    cfg = make_cfg("stage=train", "run_name=nan", *fast)
+    with pytest.raises(RunDiverged, match="diverged: training loss") as caught:
+        train_stage.train_stage(cfg)
+    run_dir = caught.value.run_dir
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "failed" and status["reason"].startswith("diverged: training loss")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["diverged"] == status["reason"] and metrics["eval_loss"] in ("nan", "inf")
+
+    monkeypatch.setattr(train_stage, "train_stage", lambda c: (_ for _ in ()).throw(RunDiverged("diverged: x", run_dir)))
+    monkeypatch.setattr(main, "_sweep_note", lambda name: None)
+    import hydra.core.hydra_config as hc
+
+    class Runtime:
+        choices: dict = {}
+        config_sources: list = []
+
+    class Fake:
+        overrides = type("O", (), {"task": []})()
+        runtime = Runtime()
+
+    monkeypatch.setattr(hc.HydraConfig, "get", staticmethod(lambda: Fake()))
+    monkeypatch.setattr("lora_search.config.compose.to_run_config", lambda c, o: cfg)
+    capsys.readouterr()  # the training run's progress bars
+    with pytest.raises(SystemExit) as exit_:
+        main.run(None)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 1 and len(err) == 1 and err[0].startswith("error: the run diverged: x (recorded in ")
+
+
 def test_run_name_is_model_lora_quant_and_time_unless_given(make_cfg):
     import datetime
     import re

@@ -118,6 +118,30 @@ def test_a_runner_up_whose_full_run_wins_is_promoted_and_misleading_short_trials
     assert metrics["trial"] == 0
 
 
+def test_a_diverged_full_run_never_wins_and_a_promotion_whose_runs_all_diverged_fails_with_its_reason(make_cfg,
+                                                                                                     monkeypatch):
+    import json
+    import math
+
+    from lora_search.core.errors import RunDiverged
+
+    cfg = make_cfg("sweep.n_trials=3")
+    study = _study(None, [1.0, 1.1, 1.2])
+    out = study_lib.study_dir(cfg)
+    _fake_runs(monkeypatch, {0: math.nan, 1: 0.8, 2: 0.9})  # the best short trial's full run diverged
+    assert promotion.promote_stage(cfg, study, lambda c: None)["trial"] == 1
+    assert json.loads((out / "full" / "status.json").read_text())["status"] == "complete"
+
+    def diverged(cfg, trial, seed, folder, get_worker, force, study_folder):
+        return {"full_value": math.nan, "diverged": f"diverged: training loss nan at step {trial.number + 1}"}
+    monkeypatch.setattr(promotion, "_run", diverged)
+    with pytest.raises(RunDiverged, match=r"every full run of the promotion diverged \(diverged: training loss nan "
+                                          r"at step 1\)"):
+        promotion.promote_stage(cfg, study, lambda c: None, force=True)
+    status = json.loads((out / "full" / "status.json").read_text())
+    assert status["status"] == "failed" and status["reason"] == "diverged: training loss nan at step 1"
+
+
 def test_duplicate_configurations_are_trained_once_and_top_k_one_trains_only_the_best(make_cfg, monkeypatch):
     study = _study(None, [1.0, 1.05, 1.2])
     trials = study.get_trials()
