@@ -10,6 +10,7 @@ import importlib.util
 import math
 from pathlib import Path
 
+from lora_search.checks.rewards import check_rl
 from lora_search.config.schema import STAGES, RunConfig
 from lora_search.core.errors import ConfigError
 from lora_search.data.embedded_tasks import PREFERENCE_TASKS, TASKS
@@ -24,7 +25,7 @@ INIT_LORA = (True, False, "gaussian", "pissa", "olora", "orthogonal", "loftq", "
 MODEL_SOURCES = ("embedded", "tiny", "hub", "local")
 DATA_SOURCES = ("embedded", "local", "hub")
 LAYOUTS = ("auto", "messages", "prompt_completion", "alpaca", "dolly", "preference", "columns")
-METHODS = ("sft", "dpo")
+METHODS = ("sft", "dpo", "grpo", "rloo")
 # TRL 1.16 DPOTrainer's loss types (DPOConfig.loss_type); several combined are not offered here
 DPO_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
@@ -89,6 +90,8 @@ def check_trainer(problems: list[str], cfg: RunConfig) -> None:
     _choice(problems, "trainer.method", t.method, METHODS)
     if t.method == "dpo":
         check_dpo(problems, cfg)
+    if t.method in ("grpo", "rloo"):
+        check_rl(problems, cfg)
     if t.init_adapter is not None:
         _, problem = init_adapter_dir(t.init_adapter, cfg.results_dir)
         if problem:

@@ -20,6 +20,11 @@ def check_kind(cfg: RunConfig, data) -> None:
         raise ConfigError(f"trainer=dpo trains on preference pairs, but {name} holds prompt/completion rows "
                           f"({data.layout} layout); give it pairs: data=embedded_preference, or a file with chosen "
                           "and rejected columns (prompt optional): data=local data.path=<file>")
+    if cfg.trainer.method in ("grpo", "rloo") and data.kind == "preference":
+        raise ConfigError(f"trainer={cfg.trainer.method} samples answers to prompts and scores them with "
+                          f"trainer.rewards, but {name} holds preference pairs ({data.layout} layout: chosen/rejected) "
+                          "and no reward model scores answers here; give it prompt/completion rows (the completion "
+                          "is the reference answer), or train on the pairs with trainer=dpo")
     if cfg.trainer.method == "sft" and data.kind == "preference":
         raise ConfigError(f"trainer=sft trains on prompt/completion rows, but {name} holds preference pairs "
                           f"({data.layout} layout: chosen/rejected); train on them with trainer=dpo")

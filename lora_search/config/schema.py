@@ -60,10 +60,22 @@ class QuantConfig:
 @dataclass
 class TrainerConfig:
     name: str = "sft"
-    method: str = "sft"  # sft (TRL's SFTTrainer, prompt/completion data) | dpo (TRL's DPOTrainer, preference pairs)
-    # dpo: how far the tuned model may move from the reference (higher: closer); ipo reads it as its tau
+    # sft (TRL's SFTTrainer, prompt/completion data) | dpo (TRL's DPOTrainer, preference pairs) | grpo, rloo (TRL's
+    # online RL trainers: prompts, sampled answers scored by `rewards`; train/grpo.py)
+    method: str = "sft"
+    # dpo: how far the tuned model may move from the reference (higher: closer); ipo reads it as its tau; grpo/rloo:
+    # the KL penalty's coefficient (0: no KL term)
     beta: float = 0.1
-    loss_type: str = "sigmoid"  # dpo: any TRL DPO loss (sigmoid, ipo, hinge, robust, ...); validate.DPO_LOSSES
+    loss_type: str = "sigmoid"  # dpo: any TRL DPO loss (run_config.DPO_LOSSES); grpo: dapo, grpo, dr_grpo, ...
+    epsilon: float = 0.2  # grpo/rloo: clip range of the probability ratio (PPO's), below 1 (and above, unless:)
+    epsilon_high: Optional[float] = None  # grpo/rloo: the upper clip (DAPO's clip-higher); null: epsilon
+    num_generations: int = 4  # grpo/rloo: answers sampled per prompt; divides batch_size x grad. accumulation
+    temperature: float = 1.0  # grpo/rloo: sampling temperature of those answers (max_new_tokens at most)
+    num_iterations: int = 1  # grpo/rloo: optimizer passes over each sampled batch (PPO's epochs)
+    rewards: List[str] = field(default_factory=lambda: ["exact_match"])  # grpo/rloo: train/rewards.REWARDS, mod:fn
+    reward_weights: List[float] = field(default_factory=list)  # grpo/rloo: one per reward (empty: 1 each)
+    max_kl: Optional[float] = 4.0  # grpo/rloo: a logged KL above this stops the run as diverged (null: never)
+    max_reward_drop: Optional[float] = None  # grpo/rloo: a reward this far below its best is a collapse (null: never)
     label_smoothing: float = 0.0  # dpo: robust / exo_pair label noise, in [0, 0.5)
     # dpo: start from this adapter instead of a fresh one (a folder holding adapter_config.json, or the name of a
     # study whose promoted adapter results/<study>/full/adapter to continue: SFT, then DPO); it is also the reference
@@ -165,6 +177,7 @@ METRIC_DIRECTIONS = {"eval_loss": "minimize", "perplexity": "minimize", "exact_m
                      # trainer=dpo: the eval pairs' reward accuracy and margin (TRL's, against the reference), and
                      # the preference accuracy (chosen log-probability above rejected, the tuned model alone)
                      "reward_accuracy": "maximize", "reward_margin": "maximize", "preference_accuracy": "maximize",
+                     "reward": "maximize",  # grpo/rloo: the mean reward of greedy answers to held-out prompts
                      # costs, for sweep.objectives next to a quality metric: the adapter's trainable parameters and
                      # its size (fp32 tensors, as saved), the trial's peak memory (hardware.PeakMemory) and seconds
                      # per optimizer step
@@ -176,7 +189,7 @@ PREFERENCE_METRICS = ("reward_accuracy", "reward_margin", "preference_accuracy")
 # preference pairs); exact_match also needs exact ones (data.exact_match).
 GENERATION_METRICS = ("exact_match", "rouge_l", "bleu")
 # What a trial's quality is measured by (the others are costs): the metric pruning and the single-objective paths read
-QUALITY_METRICS = ("eval_loss", "perplexity") + GENERATION_METRICS + PREFERENCE_METRICS
+QUALITY_METRICS = ("eval_loss", "perplexity") + GENERATION_METRICS + PREFERENCE_METRICS + ("reward",)
 
 
 @dataclass

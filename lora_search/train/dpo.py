@@ -57,16 +57,22 @@ def make_trainer(worker, peft_model, args, cfg: RunConfig, callbacks, fresh: boo
         trainer.train_dataset = cached[0]
     else:
         worker.tokenized[key] = (trainer.train_dataset, trainer.eval_dataset)
-    if REF in peft_model.peft_config:
-        if fresh:
-            peft_model.delete_adapter(REF)
-        else:  # the starting adapter's frozen copy: never trained
-            for name, param in peft_model.named_parameters():
-                if f".{REF}." in name:
-                    param.requires_grad_(False)
+    settle_reference(peft_model, fresh)
     full_eval = worker.tokenized[key][1]
     trainer.eval_dataset = full_eval.select(range(min(cfg.trainer.eval_subset, len(full_eval))))
     return trainer, full_eval
+
+
+def settle_reference(peft_model, fresh: bool) -> None:
+    """After TRL's trainer copied the adapter to a frozen "ref" adapter: for a fresh adapter the copy is removed (the
+    reference is then the base with the adapter disabled); a starting adapter's copy stays, never trained."""
+    if REF in peft_model.peft_config:
+        if fresh:
+            peft_model.delete_adapter(REF)
+        else:
+            for name, param in peft_model.named_parameters():
+                if f".{REF}." in name:
+                    param.requires_grad_(False)
 
 
 def reward_metrics(result: dict) -> dict:

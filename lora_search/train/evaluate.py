@@ -113,7 +113,7 @@ def score(model, tokenizer, prompts: list, references: list[str], max_new_tokens
     return {"exact_match": sum(rows) / len(references) if references else 0.0, "exact_match_rows": rows,
             "exact_match_rows_fingerprint": items,
             "rouge_l": rouge_l(answers, references), "bleu": bleu(answers, references), "generate_s": stats["seconds"],
-            "samples": samples}
+            "samples": samples, "answers": answers}
 
 
 class StepTimer(TrainerCallback):

@@ -43,7 +43,8 @@ def decision_steps(pruner, max_steps: int) -> list[int] | None:
 # A DPO eval's mean log-probability margin of its pairs (chosen - rejected, the tuned model alone): derived from TRL's
 # eval_logps/chosen and eval_logps/rejected (the difference of the means is the mean of the differences)
 LOGP_MARGIN = "eval_logp_margin"
-HIGHER_IS_BETTER = ("eval_rewards/accuracies", "eval_rewards/margins", LOGP_MARGIN)
+# eval_reward: an RL run's held-out reward of greedy answers (train/grpo.py)
+HIGHER_IS_BETTER = ("eval_rewards/accuracies", "eval_rewards/margins", LOGP_MARGIN, "eval_reward")
 
 
 class PruningCallback(TrainerCallback):
@@ -66,6 +67,13 @@ class PruningCallback(TrainerCallback):
         self.pruner = pruner  # the sweep's pruner spec: with rungs, periodic evals run at those steps only
         self.eval_at: set[int] | None = None
         self.skipped = 0  # periodic evals left out (between rungs)
+
+    def read(self, metric: str) -> None:
+        """Read another eval metric (an RL run's eval_reward: its loss says nothing of quality), keeping the study's
+        direction."""
+        maximize = (self.sign == 1.0) == (self.metric in HIGHER_IS_BETTER)
+        self.metric = metric
+        self.sign = 1.0 if maximize == (metric in HIGHER_IS_BETTER) else -1.0
 
     def on_train_begin(self, args, state, control, **kwargs):
         from transformers.trainer_utils import IntervalStrategy

@@ -1,5 +1,6 @@
 """One LoRA training run on an already loaded base: attach a fresh adapter (or `trainer.init_adapter`), train it with
-TRL's SFTTrainer (trainer=sft, sft.py) or DPOTrainer (trainer=dpo, dpo.py), evaluate, save, and remove it again.
+TRL's SFTTrainer (trainer=sft, sft.py), DPOTrainer (trainer=dpo, dpo.py) or GRPOTrainer / RLOOTrainer (trainer=grpo,
+rloo: grpo.py), evaluate, save, and remove it again.
 
 The base model and the tokenized data belong to the Worker and are reused by every run, so a
 sweep pays for loading and tokenizing once.
@@ -22,7 +23,7 @@ from lora_search.data.load import TaskData
 from lora_search.models import adapters
 from lora_search.models.adapters import init_adapter_dir
 from lora_search.models.loaders import Base
-from lora_search.train import dpo, evaluate
+from lora_search.train import dpo, evaluate, grpo
 from lora_search.train.evaluate import StepTimer, final_eval, timed_evaluate
 from lora_search.train.sft import data_key, make_trainer, padding_free, sft_config  # noqa: F401 (padding_free: tests)
 
@@ -76,7 +77,9 @@ def diverged(log_history: list[dict], eval_loss: float | None) -> str | None:
 
 
 def _tokenized_key(cfg: RunConfig, model) -> tuple:
-    return dpo.data_key(cfg) if cfg.trainer.method == "dpo" else data_key(cfg, padding_free(cfg, model))
+    rl = cfg.trainer.method in grpo.METHODS
+    return dpo.data_key(cfg) if cfg.trainer.method == "dpo" else grpo.data_key(cfg) if rl else \
+        data_key(cfg, padding_free(cfg, model))
 
 
 def _attach(worker: Worker, cfg: RunConfig):
@@ -92,6 +95,9 @@ def _trainer(worker: Worker, peft_model, cfg: RunConfig, out_dir: Path, report_t
         args = dpo.dpo_config(cfg, out_dir, list(report_to))
         trainer, full_eval = dpo.make_trainer(worker, peft_model, args, cfg, callbacks,
                                               fresh=not cfg.trainer.init_adapter)
+    elif cfg.trainer.method in grpo.METHODS:
+        trainer, full_eval = grpo.make_trainer(worker, peft_model, cfg, out_dir, list(report_to), callbacks,
+                                               fresh=not cfg.trainer.init_adapter)
     else:
         args = sft_config(cfg, out_dir, list(report_to), padding_free(cfg, worker.base.model))
         trainer, full_eval = make_trainer(worker, peft_model, args, cfg, callbacks)
@@ -142,8 +148,9 @@ def _generation(model, worker: Worker, cfg: RunConfig) -> dict:
     n = cfg.trainer.exact_match_items
     if not n or worker.data.kind != "sft":
         return {}
-    scores = evaluate.score(model, worker.base.tokenizer, worker.data.eval_prompts(n), worker.data.eval_answers[:n],
-                            cfg.trainer.max_new_tokens, cfg.trainer.eval_batch_size)
+    scores = grpo.heldout_items(model, worker, cfg, n) if cfg.trainer.method in grpo.METHODS else evaluate.score(
+        model, worker.base.tokenizer, worker.data.eval_prompts(n), worker.data.eval_answers[:n],
+        cfg.trainer.max_new_tokens, cfg.trainer.eval_batch_size)  # grpo/rloo: and the answers' rewards
     return scores if cfg.data.exact_match else {k: v for k, v in scores.items() if not k.startswith("exact_match")}
 
 
@@ -168,6 +175,11 @@ def baseline(worker: Worker, cfg: RunConfig, trainer, full_eval, peft_model) -> 
         worker.baseline = {f"base_{k}": scores[k] for k in ("preference_accuracy", "logp_margin")}
         log.info("base model: preference accuracy %.0f%% on %d eval pairs", 100 * scores["preference_accuracy"],
                  scores["preference_pairs"])
+    if worker.baseline is None and cfg.trainer.method in grpo.METHODS:
+        with peft_model.disable_adapter():
+            em = _generation(peft_model, worker, cfg)
+        worker.baseline = {f"base_{k}": em.get(k) for k in (*GENERATION_METRICS, "reward", "samples")}
+        log.info("base model: held-out reward %.3f, exact match %s", em["reward"], em.get("exact_match"))
     if worker.baseline is None:
         log.info("evaluating the base model (once per worker)")
         with peft_model.disable_adapter():
@@ -231,7 +243,9 @@ def _train(worker: Worker, cfg: RunConfig, out_dir: Path, callbacks, report_to, 
                 scored = full_eval if cfg.trainer.final_eval == "full" else trainer.eval_dataset
                 metrics.update({**dpo.reward_metrics(final), **_preference(peft_model, worker, cfg, scored)})
         tokens = int(trainer.state.num_input_tokens_seen)
-        why = diverged(trainer.state.log_history, final["eval_loss"])  # its statistics below are None or NaN
+        if cfg.trainer.method in grpo.METHODS:
+            metrics.update(grpo.run_metrics(trainer, em))
+        why = diverged(trainer.state.log_history, final.get("eval_loss")) or metrics.get("rl_diverged")  # its statistics below are None or NaN
         if why:
             log.warning("%s: %s", out_dir.name, why)
         rows = None
@@ -244,7 +258,7 @@ def _train(worker: Worker, cfg: RunConfig, out_dir: Path, callbacks, report_to, 
                             "eval_row_losses_fingerprint": evaluate.tokens_fingerprint(scored)})
         metrics.update({
             "diverged": why,  # None, or why the run diverged (its NaN statistics are then no measurement)
-            "eval_loss": final["eval_loss"],
+            "eval_loss": final.get("eval_loss"),
             "perplexity": math.exp(min(final["eval_loss"], 50)) if cfg.trainer.method == "sft" else None,
             **{k: em.get(k) for k in GENERATION_METRICS},  # None: no answers generated (or, exact match, not exact)
             "samples": em.get("samples"),
@@ -269,7 +283,7 @@ def _train(worker: Worker, cfg: RunConfig, out_dir: Path, callbacks, report_to, 
             "periodic_eval_s": periodic_eval_s,  # the evals pruning reads
             "final_eval_s": final_eval_s,
             "exact_match_s": em_s,
-            "padding_free": trainer.args.padding_free,
+            "padding_free": getattr(trainer.args, "padding_free", False),
             "method": cfg.trainer.method,
             "eval_rows": len(full_eval) if cfg.trainer.final_eval == "full" else len(trainer.eval_dataset),
             **trained_on(worker),
