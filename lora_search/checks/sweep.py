@@ -103,6 +103,13 @@ def _method_problems(cfg: RunConfig) -> list[str]:
     if "eval_loss" in names and t.method == "dpo" and scaling:
         problems.append(f"sweep.metric=eval_loss compares DPO losses, which {', '.join(scaling)} rescale(s): trials "
                         "are not comparable on it; use sweep.metric=preference_accuracy or reward_accuracy")
+    rl = t.method in ("grpo", "rloo")
+    if "reward" in names and not rl:
+        problems.append(f"sweep.metric=reward is the held-out reward of greedy answers, measured by trainer=grpo or "
+                        f"rloo; this sweep trains with trainer={t.method}")
+    for metric in [m for m in names if rl and m in ("eval_loss", "perplexity")]:
+        problems.append(f"sweep.metric={metric} is not measured by trainer={t.method} (an RL loss says nothing of "
+                        "quality); use reward (the held-out reward of greedy answers) or exact_match")
     if "perplexity" in names and t.method == "dpo":
         problems.append("sweep.metric=perplexity is not measured by trainer=dpo; use eval_loss (the DPO loss), "
                         f"{', '.join(PREFERENCE_METRICS)}")

@@ -247,3 +247,62 @@ def test_builtin_rewards_score_answers_against_the_reference():
     assert rewards.answer_format([], chat, answer) == [1.0, 0.0, 1.0, 0.0]
     weighted = rewards.score(rewards.resolve(["exact_match", "format"]), [2.0, 0.5], [], chat, {"answer": answer})
     assert weighted == [2.5, 0.0, 0.5, 0.0]
+
+
+@pytest.mark.slow  # a 2-trial sweep, promotion, merge, benchmark and report
+def test_a_grpo_sweep_searches_then_promotes_merges_and_benchmarks(make_cfg, reward_module):
+    """sweep=grpo_kl picks trainer=grpo and data=embedded_rl itself; trials are scored on the held-out reward and
+    pruned on the periodic evals' eval_reward; the stages after the search run as for SFT."""
+    import optuna
+
+    from lora_search.commands import pipeline
+    from lora_search.core import records
+    from lora_search.search import study as study_lib
+
+    cfg = make_cfg("sweep=grpo_kl", "sweep.n_trials=2", "data.train_per_task=24", "data.eval_per_task=8",
+                   "++sweep.space={trainer.beta: {type: float, low: 0.001, high: 0.1, log: true}}",
+                   f"++sweep.trial={{trainer.rewards: [{MODULE}:letters], trainer.temperature: 0.25, "
+                   "trainer.max_steps: 4, trainer.eval_every: 2, trainer.eval_subset: 4, trainer.exact_match_items: 4, "
+                   "trainer.max_new_tokens: 8, trainer.learning_rate: 0.01, lora.targets: all_linear}",
+                   f"++sweep.promotion={{top_k: 1, trainer.rewards: [{MODULE}:letters], trainer.temperature: 0.25, "
+                   "trainer.max_steps: 4, trainer.eval_every: 0, trainer.exact_match_items: 4, "
+                   "trainer.max_new_tokens: 8, trainer.learning_rate: 0.01, lora.targets: all_linear}",
+                   "benchmark.latency_prompts=1", "benchmark.repeats=1", "benchmark.max_new_tokens=2",
+                   "benchmark.int8_dynamic=false", "trainer.exact_match_items=4")
+    assert (cfg.trainer.method, cfg.data.name, cfg.sweep.metric, cfg.sweep.direction) == \
+        ("grpo", "embedded_rl", "reward", "maximize")
+    assert pipeline.run(cfg) == 0
+    study = study_lib.open_study(cfg)
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert complete
+    out = study_lib.study_dir(cfg)
+    for t in complete:
+        metrics = records.read_json(out / "trials" / f"{t.number:04d}" / "metrics.json")
+        assert t.value == metrics["reward"] and metrics["method"] == "grpo"
+        assert [i["step"] for i in metrics["intermediate"]] == [2, 4]  # eval_reward at each periodic eval
+    assert (out / "full" / "merged").is_dir() and (out / "benchmark.json").is_file()
+    assert (out / "report.md").is_file()
+
+
+@pytest.mark.slow  # an SFT run, then RL from its adapter
+def test_rl_continues_an_sft_adapter_which_is_the_reference(make_cfg, tiny_overrides, rl_cfg, tmp_path):
+    sft_cfg = make_cfg(*tiny_overrides, "lora.targets=all_linear")
+    sft_worker = train_stage.start_worker(sft_cfg)
+    run.train_adapter(sft_worker, sft_cfg, tmp_path / "sft", with_baseline=False)
+    cfg = rl_cfg("trainer.beta=0.01", "trainer.max_steps=2", f"trainer.init_adapter={tmp_path / 'sft' / 'adapter'}")
+    worker = train_stage.start_worker(cfg)
+    before = loaders.checksum(worker.base.model)
+    with adapters.trainer_patches_undone(worker.base.model):
+        peft_model = run._attach(worker, cfg)
+        trainer = None
+        try:
+            trainer, _ = run._trainer(worker, peft_model, cfg, tmp_path / "probe", [], [])
+            ref = {n: p for n, p in peft_model.named_parameters() if f".{dpo.REF}." in n}
+            assert ref and not any(p.requires_grad for p in ref.values())  # the SFT adapter, frozen
+            assert grpo.heldout_kl(peft_model, worker.base.tokenizer, ["hello"], ["world"]) == pytest.approx(0, abs=1e-6)
+        finally:
+            run._release(worker, trainer, peft_model)
+    metrics = run.train_adapter(worker, cfg, tmp_path / "rl", with_baseline=False)
+    saved = load_file(tmp_path / "rl" / "adapter" / "adapter_model.safetensors")
+    assert sum(t.numel() for t in saved.values()) == metrics["trainable_params"]  # the reference copy is not saved
+    assert metrics["rl_history"][0]["kl"] == 0.0 and loaders.checksum(worker.base.model) == before
