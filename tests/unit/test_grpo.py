@@ -305,4 +305,5 @@ def test_rl_continues_an_sft_adapter_which_is_the_reference(make_cfg, tiny_overr
     metrics = run.train_adapter(worker, cfg, tmp_path / "rl", with_baseline=False)
     saved = load_file(tmp_path / "rl" / "adapter" / "adapter_model.safetensors")
     assert sum(t.numel() for t in saved.values()) == metrics["trainable_params"]  # the reference copy is not saved
-    assert metrics["rl_history"][0]["kl"] == 0.0 and loaders.checksum(worker.base.model) == before
+    assert metrics["rl_history"][0]["kl"] < 1e-2  # policy == reference but for LoRA dropout on the SFT adapter
+    assert loaders.checksum(worker.base.model) == before
