@@ -23,7 +23,8 @@ def check_rl(problems: list[str], cfg: RunConfig) -> None:
     if not _number(t.beta) or t.beta < 0:
         problems.append(f"trainer.beta must be a number >= 0 (the KL penalty's coefficient; 0: none), got {t.beta!r}")
     if not _number(t.epsilon) or not 0 < t.epsilon < 1:
-        problems.append(f"trainer.epsilon must be in (0, 1) (the clip range of the probability ratio), got {t.epsilon!r}")
+        problems.append(f"trainer.epsilon must be in (0, 1) (the clip range of the probability ratio), "
+                        f"got {t.epsilon!r}")
     if t.epsilon_high is not None and (not _number(t.epsilon_high) or t.epsilon_high <= 0):
         problems.append(f"trainer.epsilon_high must be a positive number or null, got {t.epsilon_high!r}")
     n, batch = t.num_generations, t.batch_size * t.gradient_accumulation_steps

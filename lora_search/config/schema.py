@@ -77,8 +77,8 @@ class TrainerConfig:
     max_kl: Optional[float] = 4.0  # grpo/rloo: a logged KL above this stops the run as diverged (null: never)
     max_reward_drop: Optional[float] = None  # grpo/rloo: a reward this far below its best is a collapse (null: never)
     label_smoothing: float = 0.0  # dpo: robust / exo_pair label noise, in [0, 0.5)
-    # dpo: start from this adapter instead of a fresh one (a folder holding adapter_config.json, or the name of a
-    # study whose promoted adapter results/<study>/full/adapter to continue: SFT, then DPO); it is also the reference
+    # dpo, grpo, rloo: start from this adapter instead of a fresh one (a folder holding adapter_config.json, or a
+    # study whose promoted adapter results/<study>/full/adapter to continue: SFT, then DPO or RL); also the reference
     init_adapter: Optional[str] = None
     learning_rate: float = 2e-4
     lr_scheduler: str = "cosine"  # any transformers SchedulerType

@@ -98,7 +98,8 @@ def heldout(model, tokenizer, cfg: RunConfig, rows, funcs=None, state=None) -> d
                            log_extra=lambda *a, **k: None, log_metric=lambda *a, **k: None)
     mean = sum(totals) / len(totals) if totals else math.nan
     spread = math.sqrt(sum((x - mean) ** 2 for x in totals) / len(totals)) if totals else math.nan
-    return {**scores, "reward": mean, "reward_std": spread, "kl": heldout_kl(model, tokenizer, prompts, texts, cfg.trainer.temperature)}
+    kl = heldout_kl(model, tokenizer, prompts, texts, cfg.trainer.temperature)
+    return {**scores, "reward": mean, "reward_std": spread, "kl": kl}
 
 
 def heldout_kl(model, tokenizer, prompts, answers: list[str], temperature: float = 1.0) -> float | None:

@@ -307,3 +307,11 @@ def test_rl_continues_an_sft_adapter_which_is_the_reference(make_cfg, tiny_overr
     assert sum(t.numel() for t in saved.values()) == metrics["trainable_params"]  # the reference copy is not saved
     assert metrics["rl_history"][0]["kl"] < 1e-2  # policy == reference but for LoRA dropout on the SFT adapter
     assert loaders.checksum(worker.base.model) == before
+
+
+def test_a_reward_signature_is_checked_against_what_trl_passes(reward_module):
+    assert rewards.problem(f"{MODULE}:letters") is None and rewards.problem("contains") is None
+    assert "cannot import" in rewards.problem(f"{MODULE}:missing")  # AttributeError: no such function
+    assert "has the signature" in rewards.problem("os.path:basename")  # (p): no **kwargs
+    assert "has the signature" in rewards.problem("logging:log")  # (level, msg, *args, **kwargs): level is not passed
+    assert "unknown reward 'exactmatch'" in rewards.problem("exactmatch")
