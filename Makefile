@@ -60,6 +60,7 @@ bench: setup
 	$(PY) benchmarks/memory_estimate.py
 	$(PY) benchmarks/scale.py
 	$(PY) benchmarks/search_quality.py
+	$(PY) benchmarks/default_sweep.py
 	$(PY) benchmarks/readme_section.py --update docs/performance.md
 
 # Built from the checkout with the set-up's setuptools (no download); the wheel carries conf/ and sweeps/.

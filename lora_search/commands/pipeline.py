@@ -5,6 +5,7 @@ skipped on a second run.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import socket
@@ -122,6 +123,20 @@ def preflight_sweep(cfg: RunConfig) -> None:
         raise ConfigError(over[0])
 
 
+@contextlib.contextmanager
+def timed(out, stage: str):
+    """Append the wall seconds this process spent on a stage (and when it ended) to out/timings.json, one list per
+    stage, every run kept (a stage found done costs its check): what `benchmarks/default_sweep.py` reads for each
+    stage's share of a sweep's time."""
+    t0 = time.perf_counter()
+    yield
+    seconds = round(time.perf_counter() - t0, 1)
+    found = records.read_json(out / "timings.json") or {}
+    entry = {"seconds": seconds, "ended": round(time.time(), 3)}
+    records.write_json(out / "timings.json", {**found, stage: [*found.get(stage, []), entry]})
+    log.info("%s took %.1f min", stage, seconds / 60)
+
+
 def _stage_done(out, stage: str, cid: str) -> bool:
     done = records.read_json(out / "stages.json") or {}
     return done.get(stage) == cid
@@ -158,7 +173,11 @@ def _run(cfg: RunConfig, overrides: list[str] = ()) -> int:
     records.write_config(out / "sweep.yaml", cfg)
     if cfg.sweep.nightly.enabled and cfg.stage == "all":
         return nightly.run_night(cfg, workers.get, overrides)
-    study = search_stage(cfg, workers.get, overrides) if "search" in stages else open_study(cfg)
+    if "search" in stages:
+        with timed(out, "search"):
+            study = search_stage(cfg, workers.get, overrides)
+    else:
+        study = open_study(cfg)
     if explicit or cfg.force:  # the user's own call: no claim
         return _later_stages(cfg, stages, study, workers, out, t0)
     promotion_claim.wait_for_search(study, out)
@@ -181,7 +200,8 @@ def _later_stages(cfg: RunConfig, stages, study, workers: Workers, out, t0: floa
     """Promote, merge, benchmark and report (those in `stages`), skipping the ones done for this promoted run."""
     explicit = cfg.stage != "all"
     if "promote" in stages:
-        promote_stage(cfg, study, workers.get, force=cfg.force or explicit)
+        with timed(out, "promote"):
+            promote_stage(cfg, study, workers.get, force=cfg.force or explicit)
     for name in ("merge", "benchmark"):
         if name not in stages:
             continue
@@ -192,14 +212,16 @@ def _later_stages(cfg: RunConfig, stages, study, workers: Workers, out, t0: floa
             log.info("%s already done for this promoted run: skipped", name)
             continue
         log.info("%s ...", name)
-        result = fn(full_cfg, out, workers.data_for(full_cfg))
-        if name == "benchmark":
-            tracking.log_benchmark(full_cfg, out, result)
+        with timed(out, name):
+            result = fn(full_cfg, out, workers.data_for(full_cfg))
+            if name == "benchmark":
+                tracking.log_benchmark(full_cfg, out, result)
         _mark_done(out, name, cid)
     if "report" in stages:
-        path = study_report.write_report(study, cfg, out)
-        wandb_summary.log_study(study, cfg, out)
-        summarize(study, cfg, out)
+        with timed(out, "report"):
+            path = study_report.write_report(study, cfg, out)
+            wandb_summary.log_study(study, cfg, out)
+            summarize(study, cfg, out)
         log.info("report: %s (%.1f min in all)", path, (time.perf_counter() - t0) / 60)
     return 0
 

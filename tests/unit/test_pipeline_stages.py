@@ -4,6 +4,8 @@ search early."""
 
 from __future__ import annotations
 
+import json
+
 import logging
 import re
 
@@ -45,6 +47,10 @@ def test_finished_stages_are_skipped_unless_named_or_forced_and_the_sweep_ends_w
     assert header.startswith("| # | state |") and header in printed  # the trial table
     assert printed.rstrip().splitlines()[-1] == f"report: {out / 'report.md'}"  # and last, the report's path
 
+    timings = json.loads((out / "timings.json").read_text())  # every stage's wall seconds, in the order they ran
+    assert list(timings) == ["search", "promote", "merge", "benchmark", "report"]
+    assert all(len(runs) == 1 and runs[0]["seconds"] > 0 for runs in timings.values())
+    assert [timings[s][0]["ended"] for s in timings] == sorted(timings[s][0]["ended"] for s in timings)
     files = {name: out / name for name in ("benchmark.json", "merge.json")} | {"full": out / "full" / "metrics.json"}
 
     def stamps():
@@ -59,6 +65,9 @@ def test_finished_stages_are_skipped_unless_named_or_forced_and_the_sweep_ends_w
     assert pipeline.run(make_cfg(*common, "stage=benchmark")) == 0  # a named stage runs again, alone
     second = stamps()
     assert second["benchmark.json"] > first["benchmark.json"]
+    again = json.loads((out / "timings.json").read_text())  # earlier runs kept; merge and benchmark were skipped
+    assert again["benchmark"][0] == timings["benchmark"][0] and len(again["benchmark"]) == 2
+    assert again["merge"] == timings["merge"] and len(again["search"]) == len(again["report"]) == 2
     assert (second["merge.json"], second["full"]) == (first["merge.json"], first["full"])
 
     assert pipeline.run(make_cfg(*common, "force=true")) == 0  # force: promotion, merge and benchmark again
