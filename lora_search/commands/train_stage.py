@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -109,19 +110,34 @@ def train_stage(cfg: RunConfig) -> Path:
     records.write_status(run_dir, "complete")
     tracking.log_dir_artifact(run, run_dir / "adapter", f"adapter-{run_dir.name}", "model", metrics)
     tracking.finish(run, {**metrics, "status": "complete"}, tags=["complete"])
-    if cfg.trainer.method == "dpo":
-        log.info("eval DPO loss %.4f, reward accuracy %.0f%%; preference accuracy %.0f%% (base %.0f%%) on %d eval "
-                 "pairs; %.1f s in all", metrics["eval_loss"], 100 * metrics["reward_accuracy"],
-                 100 * metrics["preference_accuracy"], 100 * metrics["base_preference_accuracy"],
-                 metrics["preference_pairs"], metrics["wall_s"])
-    else:
-        em, base_em = metrics.get("exact_match"), metrics.get("base_exact_match")
-        rouge, base_rouge = metrics.get("rouge_l"), metrics.get("base_rouge_l")
-        log.info("eval loss %.4f (base %.4f)%s%s; %.0f train tokens/s; %.1f s in all",
-                 metrics["eval_loss"], metrics["base_eval_loss"],
-                 f"; exact match {em:.0%} (base {base_em:.0%})" if em is not None and base_em is not None else "",
-                 f"; ROUGE-L {rouge:.3f}, BLEU {metrics['bleu']:.1f} (base {base_rouge:.3f}, "
-                 f"{metrics['base_bleu']:.1f})" if rouge is not None and base_rouge is not None else "",
-                 metrics["train_tokens_per_s"] or 0, metrics["wall_s"])
+    log.info("%s", summary_line(cfg.trainer.method, metrics))
     log.info("wrote %s", run_dir)
     return run_dir
+
+
+def _pct(value) -> str:
+    return f"{value:.0%}" if isinstance(value, (int, float)) and math.isfinite(value) else "-"
+
+
+def _num(value, pattern: str = ".4f") -> str:
+    return format(value, pattern) if isinstance(value, (int, float)) and math.isfinite(value) else "-"
+
+
+def summary_line(method: str, m: dict) -> str:
+    """A finished run in one line, by what its method measures (a missing figure shows as '-', never an error)."""
+    tail = f"; {_num(m.get('wall_s'), '.1f')} s in all"
+    if method == "dpo":
+        return (f"eval DPO loss {_num(m.get('eval_loss'))}, reward accuracy {_pct(m.get('reward_accuracy'))}; "
+                f"preference accuracy {_pct(m.get('preference_accuracy'))} (base {_pct(m.get('base_preference_accuracy'))}) "
+                f"on {m.get('preference_pairs', '-')} eval pairs{tail}")
+    if method in ("grpo", "rloo"):
+        return (f"held-out reward {_num(m.get('reward'), '.3f')} (base {_num(m.get('base_reward'), '.3f')}), exact "
+                f"match {_pct(m.get('exact_match'))} (base {_pct(m.get('base_exact_match'))}), KL to the reference "
+                f"{_num(m.get('kl'))}{tail}")
+    em, base_em = m.get("exact_match"), m.get("base_exact_match")
+    rouge, base_rouge = m.get("rouge_l"), m.get("base_rouge_l")
+    return (f"eval loss {_num(m.get('eval_loss'))} (base {_num(m.get('base_eval_loss'))})"
+            + (f"; exact match {_pct(em)} (base {_pct(base_em)})" if em is not None and base_em is not None else "")
+            + (f"; ROUGE-L {rouge:.3f}, BLEU {_num(m.get('bleu'), '.1f')} (base {base_rouge:.3f}, "
+               f"{_num(m.get('base_bleu'), '.1f')})" if rouge is not None and base_rouge is not None else "")
+            + f"; {m.get('train_tokens_per_s') or 0:.0f} train tokens/s{tail}")

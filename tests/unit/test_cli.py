@@ -179,3 +179,23 @@ def test_run_name_is_model_lora_quant_and_time_unless_given(make_cfg):
     datetime.datetime.strptime(match[1], "%Y%m%d-%H%M%S")  # a real date and time
     assert re.fullmatch(r"tiny_llama-balanced-nf4-\d{8}-\d{6}", train_stage.run_name(make_cfg("quant=nf4")))
     assert train_stage.run_name(make_cfg("quant=nf4", "run_name=mine")) == "mine"
+
+
+def test_the_closing_line_of_a_run_says_what_its_method_measures_and_never_fails_on_a_missing_figure():
+    from lora_search.commands.train_stage import summary_line
+
+    rl = {"reward": 0.625, "base_reward": 0.125, "exact_match": 0.5, "base_exact_match": 0.0, "kl": 0.0123,
+          "wall_s": 61.0}
+    assert summary_line("grpo", rl) == ("held-out reward 0.625 (base 0.125), exact match 50% (base 0%), KL to the "
+                                        "reference 0.0123; 61.0 s in all")
+    assert summary_line("rloo", {}) == ("held-out reward - (base -), exact match - (base -), KL to the reference -; "
+                                        "- s in all")  # an RL run has no eval loss: no KeyError
+    sft = {"eval_loss": 1.5, "base_eval_loss": 2.25, "exact_match": 0.75, "base_exact_match": 0.02,
+           "train_tokens_per_s": 812.4, "wall_s": 90.0}
+    assert summary_line("sft", sft) == ("eval loss 1.5000 (base 2.2500); exact match 75% (base 2%); 812 train "
+                                        "tokens/s; 90.0 s in all")
+    assert summary_line("sft", {**sft, "eval_loss": float("nan")}).startswith("eval loss - (base 2.2500)")
+    dpo = {"eval_loss": 0.5, "reward_accuracy": 0.9, "preference_accuracy": 0.8, "base_preference_accuracy": 0.3,
+           "preference_pairs": 40, "wall_s": 30.0}
+    assert summary_line("dpo", dpo) == ("eval DPO loss 0.5000, reward accuracy 90%; preference accuracy 80% (base "
+                                        "30%) on 40 eval pairs; 30.0 s in all")
