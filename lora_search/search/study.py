@@ -94,6 +94,9 @@ def _set_attrs(trial: optuna.Trial, metrics: dict, status: str, reason: str | No
             "wall_s", "steps", "exact_match_s", "base_model", "base_quant", "base_dtype", "train_rows",
             "eval_data_rows", "eval_rows", "method", "reward_accuracy", "reward_margin", "preference_accuracy",
             "logp_margin", "eval_loss_se", "eval_loss_rows", "exact_match_n",  # these three: stats.score_interval
+            # online RL (trainer=grpo / rloo): the held-out greedy reward and KL, and the training curves' summaries
+            "reward", "reward_std", "kl", "base_reward", "train_reward_first", "train_reward_last", "train_kl_max",
+            "train_clip_fraction_mean", "train_entropy_last", "train_completion_length_mean",
             # per-row scores with the fingerprint of their rows: the report's paired comparison (core/paired.ROWS)
             *[k for rows in dict.fromkeys(paired.ROWS.values()) for k in (rows, paired.fingerprint_key(rows))])
     for key in keep:

@@ -280,6 +280,9 @@ def test_a_grpo_sweep_searches_then_promotes_merges_and_benchmarks(make_cfg, rew
     for t in complete:
         metrics = records.read_json(out / "trials" / f"{t.number:04d}" / "metrics.json")
         assert t.value == metrics["reward"] and metrics["method"] == "grpo"
+        # the study holds what the dashboard and report read: the held-out reward and KL, the curves' summaries
+        assert t.user_attrs["reward"] == t.value and t.user_attrs["kl"] == metrics["kl"]
+        assert t.user_attrs["train_kl_max"] == metrics["train_kl_max"]
         assert [i["step"] for i in metrics["intermediate"]] == [2, 4]  # eval_reward at each periodic eval
     assert (out / "full" / "merged").is_dir() and (out / "benchmark.json").is_file()
     assert (out / "report.md").is_file()
